@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import typer
 
 from modserve.errors import ModserveError
@@ -11,13 +13,10 @@ app = typer.Typer(
 )
 
 
-def fail(err: Exception) -> None:
-    typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(1)
-
-
 def main() -> None:
+    """Console entry: user errors print one red line naming the fault and exit 1."""
     try:
         app()
     except ModserveError as err:
-        fail(err)
+        typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
+        sys.exit(1)
