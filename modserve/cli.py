@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
+from typing import Annotated
 
 import typer
 
@@ -20,3 +22,111 @@ def main() -> None:
     except ModserveError as err:
         typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
         sys.exit(1)
+
+
+# --- offline: build, merge, demo ---------------------------------------------------------
+
+ExpertOption = Annotated[
+    list[str] | None, typer.Option("--expert", help="LANG=PATH of a language expert (repeatable)")
+]
+BottomOption = Annotated[int | None, typer.Option(help="layers taken from the expert at the bottom")]
+TopOption = Annotated[int | None, typer.Option(help="layers taken from the expert at the top")]
+TransitionOption = Annotated[int | None, typer.Option(help="blended layers at each boundary")]
+WeightOption = Annotated[float | None, typer.Option(help="language weight in transition blends")]
+NonLayerOption = Annotated[
+    str | None, typer.Option(help="embeddings/norm/lm_head: resident, language, or a blend weight")
+]
+
+
+def parse_experts(values: list[str] | None) -> dict[str, Path]:
+    experts = {}
+    for value in values or []:
+        language, sep, path = value.partition("=")
+        if not sep or not language or not path:
+            raise ModserveError(f"--expert: expected LANG=PATH, got {value!r}")
+        if language in experts:
+            raise ModserveError(f"--expert: language {language!r} given twice")
+        experts[language] = Path(path)
+    return experts
+
+
+def plan_flags(**flags) -> dict:
+    return {name: value for name, value in flags.items() if value is not None}
+
+
+@app.command()
+def build(
+    out: Annotated[Path | None, typer.Option(help="directory for LANG.pack/ outputs")] = None,
+    resident: Annotated[Path | None, typer.Option(help="the resident (math expert) checkpoint")] = None,
+    expert: ExpertOption = None,
+    bottom: BottomOption = None,
+    top: TopOption = None,
+    transition: TransitionOption = None,
+    transition_weight: WeightOption = None,
+    non_layer: NonLayerOption = None,
+    config: Annotated[Path | None, typer.Option(help="build.yaml with per-language plans")] = None,
+    quiet: Annotated[bool, typer.Option(help="no progress bars")] = False,
+) -> None:
+    """Cut a block pack per language expert: DIR/LANG.pack/."""
+    from modserve.packs.build import BuildConfig, build_packs, load_build_config, resolve_jobs
+
+    cfg = load_build_config(config) if config else BuildConfig()
+    resident = resident or cfg.resident
+    out = out or cfg.out
+    if resident is None:
+        raise ModserveError("--resident: required (or `resident:` in --config)")
+    if out is None:
+        raise ModserveError("--out: required (or `out:` in --config)")
+    cli_plan = plan_flags(
+        bottom=bottom, top=top, transition=transition,
+        transition_weight=transition_weight, non_layer=non_layer,
+    )
+    jobs = resolve_jobs(cfg, parse_experts(expert), cli_plan)
+    for pack in build_packs(resident, jobs, out, progress=not quiet):
+        typer.echo(f"wrote {pack}")
+
+
+@app.command()
+def merge(
+    resident: Annotated[Path, typer.Option(help="the resident (math expert) checkpoint")],
+    out: Annotated[Path, typer.Option(help="directory for the merged checkpoint")],
+    pack: Annotated[Path | None, typer.Option(help="a LANG.pack directory")] = None,
+    expert: ExpertOption = None,
+    bottom: BottomOption = None,
+    top: TopOption = None,
+    transition: TransitionOption = None,
+    transition_weight: WeightOption = None,
+    non_layer: NonLayerOption = None,
+    quiet: Annotated[bool, typer.Option(help="no progress bars")] = False,
+) -> None:
+    """Write resident + one pack (or one expert, via its plan) as a full Hugging Face checkpoint."""
+    from modserve.packs.build import BuildConfig, resolve_jobs
+    from modserve.packs.merge import merge_expert, merge_pack
+
+    experts = parse_experts(expert)
+    if (pack is None) == (not experts) or len(experts) > 1:
+        raise ModserveError("merge: give exactly one of --pack PATH or --expert LANG=PATH")
+    if pack is not None:
+        merge_pack(resident, pack, out, progress=not quiet)
+    else:
+        cli_plan = plan_flags(
+            bottom=bottom, top=top, transition=transition,
+            transition_weight=transition_weight, non_layer=non_layer,
+        )
+        (job,) = resolve_jobs(BuildConfig(), experts, cli_plan)
+        merge_expert(resident, job, out, progress=not quiet)
+    typer.echo(f"wrote {out}")
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option(help="directory for the demo experts and packs")],
+    quiet: Annotated[bool, typer.Option(help="no progress bars")] = False,
+) -> None:
+    """Write the deterministic demo: tiny base, math and language experts, and their packs."""
+    from modserve.demo import build_demo
+
+    paths = build_demo(out, progress=not quiet)
+    typer.echo(f"resident: {paths.resident}")
+    for language, pack in paths.packs.items():
+        typer.echo(f"pack {language}: {pack}")
