@@ -139,7 +139,9 @@ class PlanFields(BaseModel):
     non_layer: str | float | None = None
 
     def set_fields(self) -> dict:
-        return {k: v for k, v in self.model_dump().items() if v is not None}
+        """Only the plan fields given, so unset ones fall through to the next level."""
+        plan_fields = PlanFields.model_fields
+        return {k: v for k, v in self.model_dump().items() if v is not None and k in plan_fields}
 
 
 class LanguageEntry(PlanFields):

@@ -1,0 +1,3 @@
+from modserve.cli import main
+
+main()

@@ -1,0 +1,206 @@
+"""The engine interface every backend implements and the server and benchmark use.
+
+Requests arrive as token ids with sampling parameters and a target (a pack's
+language or `resident`); results stream back as text and token deltas. Nothing
+here knows about HTTP, and nothing above it touches tensors.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
+
+from modserve.errors import ModserveError
+
+RESIDENT = "resident"
+FinishReason = Literal["stop", "length", "abort"]
+
+
+class EngineError(ModserveError):
+    """A request the engine cannot take; `param` names the field at fault when there is one."""
+
+    code = "engine_error"
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
+
+
+class InvalidRequestError(EngineError):
+    code = "invalid_request"
+
+
+class PromptTooLongError(InvalidRequestError):
+    code = "context_length_exceeded"
+
+
+class QueueFullError(EngineError):
+    code = "queue_full"
+
+
+class EngineNotReadyError(EngineError):
+    code = "not_ready"
+
+
+class PackUnavailableError(EngineError):
+    """The pack for this language cannot be served (e.g. corrupted on disk); others still serve."""
+
+    code = "pack_unavailable"
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int | None = None  # None: up to the context length
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0: off
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    n: int = 1
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        checks = [
+            ("max_tokens", self.max_tokens is None or self.max_tokens >= 1, "must be at least 1"),
+            ("temperature", 0.0 <= self.temperature <= 100.0, "must be in [0, 100]"),
+            ("top_p", 0.0 < self.top_p <= 1.0, "must be in (0, 1]"),
+            ("top_k", self.top_k >= 0, "must be 0 (off) or positive"),
+            ("n", 1 <= self.n <= 128, "must be in [1, 128]"),
+            ("stop", len(self.stop) <= 16 and all(self.stop), "at most 16 non-empty strings"),
+        ]
+        for param, ok, why in checks:
+            if not ok:
+                raise InvalidRequestError(f"{param}: {why}", param=param)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0 or self.top_k == 1
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams = SamplingParams()
+    language: str = RESIDENT
+
+
+@dataclass
+class ChoiceDelta:
+    """What one choice (of `n`) produced since the last output."""
+
+    index: int
+    text: str
+    token_ids: list[int]
+    finish_reason: FinishReason | None = None
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    choices: list[ChoiceDelta]
+    prompt_tokens: int
+    completion_tokens: int  # so far, all choices together
+    finished: bool = False
+
+
+@dataclass
+class EngineStats:
+    running: int = 0
+    waiting: int = 0
+    waiting_by_language: dict[str, int] = field(default_factory=dict)
+    kv_tokens_used: int = 0
+    kv_tokens_capacity: int = 0
+    packs_by_tier: dict[str, int] = field(default_factory=dict)  # device / host / disk
+    pack_bytes_by_tier: dict[str, int] = field(default_factory=dict)
+    resident_bytes: int = 0
+
+
+class EngineObserver(Protocol):
+    """Hooks the server turns into metrics; the engine never imports a metrics library."""
+
+    def pack_loaded(self, language: str, source: str, seconds: float) -> None: ...
+    def pack_load_failed(self, language: str, reason: str) -> None: ...
+    def pack_swapped(self, language: str, seconds: float) -> None: ...
+    def step(self, languages: int, batch_size: int) -> None: ...
+
+
+class NullObserver:
+    def pack_loaded(self, language: str, source: str, seconds: float) -> None:
+        pass
+
+    def pack_load_failed(self, language: str, reason: str) -> None:
+        pass
+
+    def pack_swapped(self, language: str, seconds: float) -> None:
+        pass
+
+    def step(self, languages: int, batch_size: int) -> None:
+        pass
+
+
+class Engine(abc.ABC):
+    """One resident model, packs by language, continuous batching behind an async API."""
+
+    observer: EngineObserver = NullObserver()
+
+    @property
+    @abc.abstractmethod
+    def languages(self) -> list[str]:
+        """Pack languages this engine serves (besides `resident`)."""
+
+    @property
+    @abc.abstractmethod
+    def tokenizer(self):
+        """The resident's Hugging Face tokenizer (chat template, eos)."""
+
+    @property
+    @abc.abstractmethod
+    def max_model_len(self) -> int: ...
+
+    @property
+    @abc.abstractmethod
+    def ready(self) -> bool: ...
+
+    @abc.abstractmethod
+    async def start(self) -> None:
+        """Load the resident and check every pack against it."""
+
+    @abc.abstractmethod
+    async def shutdown(self) -> None: ...
+
+    @abc.abstractmethod
+    def generate(self, request: GenerationRequest) -> AsyncIterator[RequestOutput]:
+        """Stream outputs; raises EngineError subclasses before the first output when refused.
+
+        Closing the iterator early (client gone) aborts the request.
+        """
+
+    @abc.abstractmethod
+    async def abort(self, request_id: str) -> None: ...
+
+    @abc.abstractmethod
+    def stats(self) -> EngineStats: ...
+
+    def check_request(self, request: GenerationRequest) -> None:
+        """Refusals common to every backend, before anything is queued."""
+        if not self.ready:
+            raise EngineNotReadyError("the resident model is still loading")
+        if request.language != RESIDENT and request.language not in self.languages:
+            raise InvalidRequestError(f"no pack for language {request.language!r}", param="language")
+        prompt = len(request.prompt_token_ids)
+        if prompt == 0:
+            raise InvalidRequestError("the prompt is empty", param="prompt")
+        vocab = len(self.tokenizer)
+        if any(not 0 <= t < vocab for t in request.prompt_token_ids):
+            raise InvalidRequestError(f"prompt token ids must be in [0, {vocab})", param="prompt")
+        wanted = prompt + (request.params.max_tokens or 1)
+        if wanted > self.max_model_len:
+            raise PromptTooLongError(
+                f"this model's maximum context length is {self.max_model_len} tokens; the request "
+                f"has {prompt} prompt tokens and asks for {request.params.max_tokens or 1} more "
+                f"({wanted} in all)"
+            )

@@ -1,0 +1,362 @@
+"""The native backend: our own forward, continuous batching, packs from the pool.
+
+The model loop runs on one thread (torch releases the GIL in its kernels); the
+asyncio side only enqueues requests and aborts and receives outputs, so the
+server's event loop never waits on a forward pass.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from modserve.checkpoint import Checkpoint
+from modserve.engine.base import (
+    RESIDENT,
+    ChoiceDelta,
+    Engine,
+    EngineError,
+    EngineStats,
+    GenerationRequest,
+    QueueFullError,
+    RequestOutput,
+)
+from modserve.engine.loading import load_tokenizer, resolve_device, resolve_dtype, stop_token_ids
+from modserve.engine.native.cache import KVCache
+from modserve.engine.native.model import Transformer
+from modserve.engine.native.pool import PackPool
+from modserve.engine.native.sampling import make_generator, sample
+from modserve.engine.native.scheduler import Scheduler, Sequence
+from modserve.engine.text import TextStream
+from modserve.packs.format import ResidentHashes
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class NativeEngineConfig:
+    resident: Path
+    packs: dict[str, Path] = field(default_factory=dict)
+    device: str = "auto"
+    dtype: str = "auto"
+    max_batch_size: int = 32
+    max_model_len: int = 4096
+    max_prefill_tokens: int = 8192
+    max_waiting: int = 1024
+    pack_memory: int = 4 << 30
+    host_pack_memory: int = 16 << 30
+
+
+@dataclass
+class RequestState:
+    """What the asyncio side and the model thread share about one request."""
+
+    request: GenerationRequest
+    loop: asyncio.AbstractEventLoop
+    outputs: asyncio.Queue
+    sequences: list[Sequence] = field(default_factory=list)
+    queued: bool = True  # counts against max_waiting until its first sequence starts
+    done: bool = False
+
+    def post(self, item: RequestOutput | Exception) -> None:
+        self.loop.call_soon_threadsafe(self.outputs.put_nowait, item)
+
+
+class NativeEngine(Engine):
+    def __init__(self, config: NativeEngineConfig):
+        self.config = config
+        self.device = resolve_device(config.device)
+        self._ready = False
+        self._model: Transformer | None = None
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._wakeup = threading.Event()
+        self._requests: dict[str, RequestState] = {}
+        self._waiting_requests = 0
+        self._count_lock = threading.Lock()
+        self._arrivals = itertools.count()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._tokenizer = None
+        self.pool: PackPool | None = None
+
+    # --- Engine properties ---------------------------------------------------------------
+
+    @property
+    def languages(self) -> list[str]:
+        return sorted(self.config.packs)
+
+    @property
+    def tokenizer(self):
+        return self._tokenizer
+
+    @property
+    def max_model_len(self) -> int:
+        return self.config.max_model_len
+
+    @property
+    def ready(self) -> bool:
+        return self._ready
+
+    # --- lifecycle -------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        await asyncio.to_thread(self._load)
+        self._thread = threading.Thread(target=self._run, name="modserve-native", daemon=True)
+        self._thread.start()
+        self._ready = True
+
+    def _load(self) -> None:
+        resident = Checkpoint(self.config.resident)
+        dtype = resolve_dtype(self.config.dtype, resident.config)
+        self._tokenizer = load_tokenizer(resident.path)
+        self._stop_ids = stop_token_ids(resident.path, resident.config, self._tokenizer)
+        self._model = Transformer.from_checkpoint(resident, self.device, dtype)
+        args = self._model.args
+        max_len = min(self.config.max_model_len, args.max_position_embeddings)
+        self.config.max_model_len = max_len
+        self._cache = KVCache(args, self.config.max_batch_size, max_len, self.device, dtype)
+        self.pool = PackPool(
+            self.config.packs, ResidentHashes(resident), args, self.device, dtype,
+            self.config.pack_memory, self.config.host_pack_memory, self.observer,
+        )
+        self.pool.wakeup = self._wakeup
+        self.scheduler = Scheduler(self.pool, self.config.max_batch_size, self.config.max_prefill_tokens)
+        for language in self.languages:  # warm the device tier while the budget allows
+            if self.pool.acquire(language) is not None:
+                self.pool.release(language)
+
+    async def shutdown(self) -> None:
+        self._stopping = True
+        self._wakeup.set()
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join)
+        if self.pool is not None:
+            self.pool.close()
+        for state in list(self._requests.values()):
+            state.post(EngineError("the engine shut down"))
+        self._ready = False
+
+    # --- the asyncio side ----------------------------------------------------------------
+
+    def generate(self, request: GenerationRequest) -> AsyncIterator[RequestOutput]:
+        self.check_request(request)
+        with self._count_lock:
+            if self._waiting_requests >= self.config.max_waiting:
+                raise QueueFullError(f"{self._waiting_requests} requests are already waiting; retry later")
+            self._waiting_requests += 1
+        if request.request_id in self._requests:
+            raise EngineError(f"request id {request.request_id!r} is already running", param="request_id")
+        state = RequestState(request, asyncio.get_running_loop(), asyncio.Queue())
+        self._requests[request.request_id] = state
+        self._inbox.put(("add", state))
+        self._wakeup.set()
+        return self._stream(state)
+
+    async def _stream(self, state: RequestState) -> AsyncIterator[RequestOutput]:
+        try:
+            while True:
+                item = await state.outputs.get()
+                if isinstance(item, Exception):
+                    raise item
+                yield item
+                if item.finished:
+                    return
+        finally:
+            if not state.done:
+                await self.abort(state.request.request_id)
+
+    async def abort(self, request_id: str) -> None:
+        self._inbox.put(("abort", request_id))
+        self._wakeup.set()
+
+    def stats(self) -> EngineStats:
+        """A snapshot read from the asyncio side; counts may be one step stale."""
+        running = list(self.scheduler.running) if self._ready else []
+        by_language: dict[str, int] = {}
+        for state in list(self._requests.values()):
+            if state.queued:
+                lang = state.request.language
+                by_language[lang] = by_language.get(lang, 0) + 1
+        tiers, sizes = self.pool.stats() if self.pool else ({}, {})
+        return EngineStats(
+            running=len({s.request.request_id for s in running}),
+            waiting=sum(by_language.values()),
+            waiting_by_language=by_language,
+            kv_tokens_used=sum(s.cached for s in running),
+            kv_tokens_capacity=self.config.max_batch_size * self.config.max_model_len,
+            packs_by_tier=tiers,
+            pack_bytes_by_tier=sizes,
+            resident_bytes=self._model.nbytes() if self._model else 0,
+        )
+
+    # --- the model thread ----------------------------------------------------------------
+
+    def _run(self) -> None:
+        with torch.inference_mode():
+            while not self._stopping:
+                self._drain_inbox()
+                worked = self._step()
+                if not worked:
+                    self._wakeup.wait(timeout=0.5)
+                    self._wakeup.clear()
+
+    def _drain_inbox(self) -> None:
+        while True:
+            try:
+                kind, item = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if kind == "add":
+                self._enqueue(item)
+            else:
+                self._abort(item)
+
+    def _enqueue(self, state: RequestState) -> None:
+        request = state.request
+        for index in range(request.params.n):
+            seq = Sequence(
+                request=request,
+                index=index,
+                text=TextStream(self._tokenizer, request.prompt_token_ids, request.params.stop),
+                generator=make_generator(request.params, index, self.device),
+                arrival=next(self._arrivals),
+            )
+            state.sequences.append(seq)
+            self.scheduler.waiting.append(seq)
+
+    def _abort(self, request_id: str) -> None:
+        state = self._requests.get(request_id)
+        if state is None or state.done:
+            return
+        for seq in state.sequences:
+            if seq.finish_reason is None:
+                seq.finish_reason = "abort"
+        self._finish_request(state, [ChoiceDelta(s.index, "", [], "abort") for s in state.sequences])
+
+    def _step(self) -> bool:
+        admitted, failed = self.scheduler.admit()
+        for seq, err in failed:
+            state = self._requests.get(seq.request.request_id)
+            if state is not None and not state.done:
+                self._fail_request(state, err)
+        if admitted:
+            self._prefill(admitted)
+        if not self.scheduler.running:
+            return bool(admitted)
+        self._decode()
+        return True
+
+    def _prefill(self, sequences: list[Sequence]) -> None:
+        sequences.sort(key=lambda s: (s.language, s.arrival))
+        width = max(len(s.prompt) for s in sequences)
+        tokens = torch.zeros(len(sequences), width, dtype=torch.long)
+        for row, seq in enumerate(sequences):
+            tokens[row, : len(seq.prompt)] = torch.tensor(seq.prompt)
+        lengths = torch.tensor([len(s.prompt) for s in sequences])
+        slots = torch.tensor([s.slot for s in sequences])
+        logits = self._model.prefill(
+            tokens.to(self.device), lengths.to(self.device), slots.to(self.device),
+            self._cache, self.scheduler.groups(sequences),
+        )
+        for seq in sequences:
+            seq.cached = len(seq.prompt)
+        for seq in sequences:
+            self._dequeue(self._requests.get(seq.request.request_id))
+        self.scheduler.join(sequences)
+        self._accept(sequences, logits)
+
+    def _dequeue(self, state: RequestState | None) -> None:
+        """The request stops counting against max_waiting (first sequence started, or gone)."""
+        if state is not None and state.queued:
+            state.queued = False
+            with self._count_lock:
+                self._waiting_requests -= 1
+
+    def _decode(self) -> None:
+        self._regroup()
+        running = self.scheduler.running
+        tokens = torch.tensor([s.token_ids[-1] for s in running], device=self.device)
+        positions = torch.tensor([s.cached for s in running], device=self.device)
+        groups = self.scheduler.groups(running)
+        self.observer.step(len(groups), len(running))
+        logits = self._model.decode(tokens, positions, self._cache, groups)
+        for seq in running:
+            seq.cached += 1
+        self._accept(list(running), logits)
+
+    def _regroup(self) -> None:
+        src, dst = self.scheduler.regroup()
+        if src:
+            longest = max(s.cached for s in self.scheduler.running)
+            self._cache.move(src, dst, longest)
+
+    def _accept(self, sequences: list[Sequence], logits: torch.Tensor) -> None:
+        """Sample one token per row, stream it out, retire finished sequences."""
+        params = [s.request.params for s in sequences]
+        new_tokens = sample(logits, params, [s.generator for s in sequences])
+        deltas: dict[str, list[ChoiceDelta]] = {}
+        for seq, token in zip(sequences, new_tokens, strict=True):
+            if seq.finish_reason is not None:  # aborted while in the batch
+                continue
+            seq.token_ids.append(token)
+            text, reason = self._advance(seq, token)
+            deltas.setdefault(seq.request.request_id, []).append(ChoiceDelta(seq.index, text, [token], reason))
+            if reason is not None:
+                seq.finish_reason = reason
+                self.scheduler.leave(seq)
+        for request_id, choices in deltas.items():
+            state = self._requests.get(request_id)
+            if state is None or state.done:
+                continue
+            if all(s.finish_reason is not None for s in state.sequences):
+                self._finish_request(state, choices)
+            else:
+                state.post(self._output(state, choices, finished=False))
+
+    def _advance(self, seq: Sequence, token: int) -> tuple[str, str | None]:
+        """Text released by this token and the finish reason it causes, if any."""
+        params = seq.request.params
+        stops = (() if params.ignore_eos else self._stop_ids) + params.stop_token_ids
+        if token in stops:
+            return seq.text.finish(), "stop"
+        text, hit_stop = seq.text.push(token)
+        if hit_stop:
+            return text, "stop"
+        out_of_room = seq.cached + 1 >= self.config.max_model_len
+        if len(seq.token_ids) >= (params.max_tokens or self.config.max_model_len) or out_of_room:
+            return text + seq.text.finish(), "length"
+        return text, None
+
+    def _output(self, state: RequestState, choices: list[ChoiceDelta], finished: bool) -> RequestOutput:
+        return RequestOutput(
+            request_id=state.request.request_id,
+            choices=choices,
+            prompt_tokens=len(state.request.prompt_token_ids),
+            completion_tokens=sum(len(s.token_ids) for s in state.sequences),
+            finished=finished,
+        )
+
+    def _finish_request(self, state: RequestState, choices: list[ChoiceDelta]) -> None:
+        self._release(state)
+        state.post(self._output(state, choices, finished=True))
+
+    def _fail_request(self, state: RequestState, err: Exception) -> None:
+        self._release(state)
+        state.post(err)
+
+    def _release(self, state: RequestState) -> None:
+        state.done = True
+        for seq in state.sequences:
+            if seq.finish_reason is None:
+                seq.finish_reason = "abort"
+            self.scheduler.leave(seq)
+        self._dequeue(state)
+        self._requests.pop(state.request.request_id, None)

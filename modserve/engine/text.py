@@ -1,0 +1,57 @@
+"""Token ids to streamed text: incremental detokenization and stop strings.
+
+Text is released only once it is final: a token that ends mid-character (byte
+fallback, byte-level BPE) waits for the rest of the character, and the tail that
+could still grow into a stop string waits until it cannot.
+"""
+
+from __future__ import annotations
+
+PROMPT_CONTEXT = 6  # prompt tokens decoded with the output, so leading spaces come out right
+
+
+class TextStream:
+    def __init__(self, tokenizer, prompt_token_ids: list[int], stop: tuple[str, ...] = ()):
+        self.tokenizer = tokenizer
+        self.ids = list(prompt_token_ids[-PROMPT_CONTEXT:])
+        self.prefix_offset = 0
+        self.read_offset = len(self.ids)
+        self.text = ""  # decoded completion so far
+        self.released = 0  # characters of `text` already handed out
+        self.stop = stop
+        self.hold = max((len(s) for s in stop), default=1) - 1
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def push(self, token_id: int) -> tuple[str, bool]:
+        """Add one token; return (text now final, hit a stop string)."""
+        self.ids.append(token_id)
+        before = self._decode(self.ids[self.prefix_offset : self.read_offset])
+        after = self._decode(self.ids[self.prefix_offset :])
+        if len(after) > len(before) and not after.endswith("\ufffd"):
+            self.text += after[len(before) :]
+            self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+        return self._release(final=False)
+
+    def finish(self) -> str:
+        """The rest of the text once generation ended (incomplete characters included)."""
+        pending = self._decode(self.ids[self.prefix_offset :])
+        before = self._decode(self.ids[self.prefix_offset : self.read_offset])
+        self.text += pending[len(before) :]
+        self.prefix_offset = self.read_offset = len(self.ids)
+        return self._release(final=True)[0]
+
+    def _release(self, final: bool) -> tuple[str, bool]:
+        if self.stop:
+            start = max(0, self.released - self.hold)
+            hits = [i for i in (self.text.find(s, start) for s in self.stop) if i >= 0]
+            if hits:
+                self.text = self.text[: min(hits)]
+                out = self.text[self.released :]
+                self.released = len(self.text)
+                return out, True
+        end = len(self.text) if final else max(self.released, len(self.text) - self.hold)
+        out = self.text[self.released : end]
+        self.released = end
+        return out, False

@@ -1,0 +1,35 @@
+"""Shared fixtures: tiny expert families and the demo, built once per session, offline."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+from modserve.demo import DemoPaths, build_demo
+from modserve.synthetic import Family, TinySpec, build_family
+
+REPO = Path(__file__).resolve().parents[1]
+MODSERVE = [sys.executable, "-m", "modserve"]
+
+
+@pytest.fixture(scope="session")
+def family(tmp_path_factory) -> Family:
+    """Default tiny Llama family: base, math, and sw/te experts (12 layers, fp32)."""
+    return build_family(tmp_path_factory.mktemp("family"), TinySpec(), ("sw", "te"))
+
+
+@pytest.fixture(scope="session")
+def demo(tmp_path_factory) -> DemoPaths:
+    """The built-in demo (math resident, sw/te/bn/ja packs), as `modserve serve` uses it."""
+    return build_demo(tmp_path_factory.mktemp("demo") / "demo", progress=False)
+
+
+@pytest.fixture(scope="session")
+def mgsm_dir() -> Path:
+    path = Path(os.environ.get("MODSERVE_MGSM_DIR", REPO.parent / "shared" / "data" / "mgsm"))
+    if not path.is_dir():
+        pytest.skip(f"MGSM data not found at {path} (set MODSERVE_MGSM_DIR)")
+    return path
