@@ -27,7 +27,8 @@ CASES = {
     "llama_bias": TinySpec(num_layers=L, attention_bias=True),  # q/k/v/o biases
     "sharded_bf16": TinySpec(num_layers=L, shards=3, dtype="bfloat16"),
 }
-TOL = {torch.float32: 1e-4, torch.bfloat16: 0.25}  # absolute, on logits of magnitude ~10-100
+TOL = {torch.float32: 1e-4, torch.float16: 0.05, torch.bfloat16: 0.25}  # absolute; logits are ~10-100
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])  # run on a GPU where there is one
 T_LONG = 80  # > 64 = original_max_position_embeddings of the llama3 case, so the scaling matters
 
 
@@ -53,8 +54,8 @@ def ckpt_path(tmp_path_factory):
     return get
 
 
-def _hf(path, dtype):
-    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+def _hf(path, dtype, device="cpu"):
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
 
 
 def _hf_logits(model, tokens: torch.Tensor) -> torch.Tensor:
@@ -62,26 +63,28 @@ def _hf_logits(model, tokens: torch.Tensor) -> torch.Tensor:
         return model(tokens).logits.float()
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
 @pytest.mark.parametrize("case", list(CASES))
-def test_logits_match_transformers(ckpt_path, case, dtype):
+def test_logits_match_transformers(ckpt_path, case, dtype, device):
     path = ckpt_path(case)
-    hf, ours = _hf(path, dtype), Transformer.from_checkpoint(Checkpoint(path), "cpu", dtype)
-    tokens = torch.randint(0, 256, (2, T_LONG), generator=torch.Generator().manual_seed(1))
+    hf, ours = _hf(path, dtype, device), Transformer.from_checkpoint(Checkpoint(path), device, dtype)
+    tokens = torch.randint(0, 256, (2, T_LONG), generator=torch.Generator().manual_seed(1)).to(device)
     ref = _hf_logits(hf, tokens)
 
     full = ours.logits_all(tokens)
     assert full.dtype == torch.float32 and full.shape == ref.shape
     diff = (full - ref).abs().max().item()
-    print(f"{case} {dtype}: logits_all max |diff| {diff:.3g} (max |logit| {ref.abs().max().item():.3g})")
+    print(f"{case} {dtype} {device}: logits_all max |diff| {diff:.3g} (max |logit| {ref.abs().max().item():.3g})")
     assert diff <= TOL[dtype]
 
-    cache = KVCache(ours.args, num_slots=3, max_len=96, device="cpu", dtype=dtype)
-    last = ours.prefill(tokens, torch.tensor([T_LONG, T_LONG]), torch.tensor([2, 0]), cache, [Group(0, 2)])
+    cache = KVCache(ours.args, num_slots=3, max_len=96, device=device, dtype=dtype)
+    lengths, slots = torch.tensor([T_LONG, T_LONG], device=device), torch.tensor([2, 0], device=device)
+    last = ours.prefill(tokens, lengths, slots, cache, [Group(0, 2)])
     assert (last - ref[:, -1]).abs().max().item() <= TOL[dtype]
 
     if case == "llama3_rope":  # the check has teeth: without the llama3 scaling the logits move
-        plain = Transformer(dataclasses.replace(ours.args, rope_scaling=None), ours.layers, ours.outer, "cpu", dtype)
+        plain = Transformer(dataclasses.replace(ours.args, rope_scaling=None), ours.layers, ours.outer, device, dtype)
         assert (plain.logits_all(tokens) - ref).abs().max().item() > 1.0
 
 
@@ -89,14 +92,14 @@ def _greedy_prefill_decode(model: Transformer, prompts: list[list[int]], steps: 
     """Prefill right-padded prompts into `slots`, compact to slots [0, B), decode greedily.
 
     Returns per row the full token sequence and the logits of every step ([steps + 1, V])."""
-    B, T = len(prompts), max(map(len, prompts))
+    B, T, dev = len(prompts), max(map(len, prompts)), model.device
     groups = groups or [Group(0, B)]
     tokens = torch.full((B, T), PAD_ID)
     for b, p in enumerate(prompts):
         tokens[b, : len(p)] = torch.tensor(p)
-    lengths = torch.tensor([len(p) for p in prompts])
-    cache = KVCache(model.args, num_slots=B + 1, max_len=T + steps, device="cpu", dtype=model.dtype)
-    logits = [model.prefill(tokens, lengths, torch.tensor(slots), cache, groups)]
+    lengths = torch.tensor([len(p) for p in prompts], device=dev)
+    cache = KVCache(model.args, num_slots=B + 1, max_len=T + steps, device=dev, dtype=model.dtype)
+    logits = [model.prefill(tokens.to(dev), lengths, torch.tensor(slots, device=dev), cache, groups)]
     cache.move(slots, list(range(B)), T)  # a permutation with overlapping src/dst
     seqs = [list(p) for p in prompts]
     positions = lengths.clone()
@@ -106,7 +109,7 @@ def _greedy_prefill_decode(model: Transformer, prompts: list[list[int]], steps: 
             seqs[b].append(int(nxt[b]))
         logits.append(model.decode(nxt, positions, cache, groups))
         positions += 1
-    return seqs, torch.stack(logits, dim=1)  # [B, steps + 1, V]
+    return seqs, torch.stack(logits, dim=1).cpu()  # [B, steps + 1, V]
 
 
 @pytest.mark.parametrize(
@@ -115,19 +118,20 @@ def _greedy_prefill_decode(model: Transformer, prompts: list[list[int]], steps: 
      ("gqa", torch.float32), ("llama3_rope", torch.bfloat16)],
     ids=["llama", "llama3_rope", "qwen2", "gqa", "llama3_rope-bf16"],
 )
-def test_prefill_then_decode_matches_transformers(ckpt_path, case, dtype):
+@pytest.mark.parametrize("device", DEVICES)
+def test_prefill_then_decode_matches_transformers(ckpt_path, case, dtype, device):
     path = ckpt_path(case)
-    hf, ours = _hf(path, dtype), Transformer.from_checkpoint(Checkpoint(path), "cpu", dtype)
+    hf, ours = _hf(path, dtype, device), Transformer.from_checkpoint(Checkpoint(path), device, dtype)
     gen = torch.Generator().manual_seed(2)
     prompts = [torch.randint(0, 256, (n,), generator=gen).tolist() for n in (5, 70, 33)]
     steps = 5
     seqs, logits = _greedy_prefill_decode(ours, prompts, steps, slots=[2, 0, 1])
     for b, seq in enumerate(seqs):
-        ref = _hf_logits(hf, torch.tensor([seq]))[0]  # [len, V]; position p predicts token p + 1
+        ref = _hf_logits(hf, torch.tensor([seq], device=device))[0].cpu()  # [len, V]; position p predicts token p + 1
         n = len(prompts[b])
         want = ref[n - 1 : n + steps]  # the prompt's last token, then each decoded token
         diff = (logits[b] - want).abs().max().item()
-        print(f"{case} {dtype} row {b}: prefill+decode max |diff| {diff:.3g}")
+        print(f"{case} {dtype} {device} row {b}: prefill+decode max |diff| {diff:.3g}")
         assert diff <= TOL[dtype]
 
 

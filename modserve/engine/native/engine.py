@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from modserve.checkpoint import Checkpoint
+from modserve.config import ServeConfig
 from modserve.engine.base import (
     RESIDENT,
     ChoiceDelta,
@@ -53,6 +54,22 @@ class NativeEngineConfig:
     max_waiting: int = 1024
     pack_memory: int = 4 << 30
     host_pack_memory: int = 16 << 30
+
+    @classmethod
+    def from_config(cls, config: ServeConfig) -> NativeEngineConfig:
+        engine = config.engine
+        return cls(
+            resident=config.model.resident,
+            packs=dict(config.packs),
+            device=config.model.device,
+            dtype=config.model.dtype,
+            max_batch_size=engine.max_batch_size,
+            max_model_len=engine.max_model_len,
+            max_prefill_tokens=engine.max_prefill_tokens,
+            max_waiting=engine.max_waiting,
+            pack_memory=int(engine.pack_memory),
+            host_pack_memory=int(engine.host_pack_memory),
+        )
 
 
 @dataclass
