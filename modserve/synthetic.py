@@ -126,7 +126,12 @@ def hf_config(spec: TinySpec) -> dict:
 
 
 def has_qkv_bias(spec: TinySpec) -> bool:
-    return spec.arch == "qwen2" or spec.attention_bias
+    return spec.arch == "qwen2" or has_o_bias(spec)
+
+
+def has_o_bias(spec: TinySpec) -> bool:
+    """Llama's attention_bias puts a bias on o_proj too; Mistral has no such option."""
+    return spec.arch == "llama" and spec.attention_bias
 
 
 def base_weights(spec: TinySpec) -> dict[str, torch.Tensor]:
@@ -157,6 +162,8 @@ def base_weights(spec: TinySpec) -> dict[str, torch.Tensor]:
             weights[p + "self_attn.k_proj.bias"] = 0.1 * torch.randn(kv_out, generator=gen)
             weights[p + "self_attn.v_proj.bias"] = 0.1 * torch.randn(kv_out, generator=gen)
         weights[p + "self_attn.o_proj.weight"] = linear(d, q_out)
+        if has_o_bias(spec):
+            weights[p + "self_attn.o_proj.bias"] = 0.1 * torch.randn(d, generator=gen)
         weights[p + "post_attention_layernorm.weight"] = norm()
         weights[p + "mlp.gate_proj.weight"] = linear(f, d)
         weights[p + "mlp.up_proj.weight"] = linear(f, d)

@@ -28,6 +28,16 @@ def demo(tmp_path_factory) -> DemoPaths:
 
 
 @pytest.fixture(scope="session")
+def merged(demo, tmp_path_factory) -> dict[str, Path]:
+    """The oracle checkpoints: the demo resident merged with each pack, plus `resident` itself."""
+    from modserve.packs.merge import merge_pack
+
+    root = tmp_path_factory.mktemp("merged")
+    out = {lang: merge_pack(demo.resident, pack, root / lang, progress=False) for lang, pack in demo.packs.items()}
+    return {**out, "resident": demo.resident}
+
+
+@pytest.fixture(scope="session")
 def mgsm_dir() -> Path:
     path = Path(os.environ.get("MODSERVE_MGSM_DIR", REPO.parent / "shared" / "data" / "mgsm"))
     if not path.is_dir():

@@ -14,12 +14,21 @@ from modserve.checkpoint import Checkpoint
 from modserve.engine.native.cache import KVCache
 from modserve.engine.native.model import Group, LayerWeights, ModelArgs, OuterWeights, Transformer
 from modserve.errors import ModserveError
-from modserve.synthetic import PAD_ID, TinySpec, base_weights, build_family, hf_config, write_checkpoint
+from modserve.synthetic import (
+    PAD_ID,
+    TinySpec,
+    base_weights,
+    build_family,
+    hf_config,
+    write_checkpoint,
+)
 
 L = 4  # layers of every tiny model here
 CASES = {
     "llama": TinySpec(num_layers=L, num_kv_heads=4),  # plain multi-head attention
-    "llama3_rope": TinySpec(num_layers=L, llama3_rope_scaling=True),  # original_max_position_embeddings=64
+    "llama3_rope": TinySpec(
+        num_layers=L, llama3_rope_scaling=True
+    ),  # original_max_position_embeddings=64
     "tied": TinySpec(num_layers=L, tie_embeddings=True),
     "qwen2": TinySpec(num_layers=L, arch="qwen2"),  # q/k/v biases
     "mistral": TinySpec(num_layers=L, arch="mistral"),
@@ -27,18 +36,15 @@ CASES = {
     "llama_bias": TinySpec(num_layers=L, attention_bias=True),  # q/k/v/o biases
     "sharded_bf16": TinySpec(num_layers=L, shards=3, dtype="bfloat16"),
 }
-TOL = {torch.float32: 1e-4, torch.float16: 0.05, torch.bfloat16: 0.25}  # absolute; logits are ~10-100
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])  # run on a GPU where there is one
+TOL = {
+    torch.float32: 1e-4,
+    torch.float16: 0.05,
+    torch.bfloat16: 0.25,
+}  # absolute; logits are ~10-100
+DEVICES = ["cpu"] + (
+    ["cuda"] if torch.cuda.is_available() else []
+)  # run on a GPU where there is one
 T_LONG = 80  # > 64 = original_max_position_embeddings of the llama3 case, so the scaling matters
-
-
-def _weights(spec: TinySpec) -> dict[str, torch.Tensor]:
-    weights = base_weights(spec)
-    if spec.arch == "llama" and spec.attention_bias:  # HF Llama's attention_bias covers o_proj too
-        gen = torch.Generator().manual_seed(7)
-        for i in range(spec.num_layers):
-            weights[f"model.layers.{i}.self_attn.o_proj.bias"] = 0.1 * torch.randn(spec.hidden_size, generator=gen)
-    return weights
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +54,7 @@ def ckpt_path(tmp_path_factory):
     def get(case: str):
         if case not in built:
             spec = CASES[case]
-            built[case] = write_checkpoint(tmp_path_factory.mktemp(case), spec, _weights(spec))
+            built[case] = write_checkpoint(tmp_path_factory.mktemp(case), spec, base_weights(spec))
         return built[case]
 
     return get
@@ -64,31 +70,51 @@ def _hf_logits(model, tokens: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize(
+    "dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"]
+)
 @pytest.mark.parametrize("case", list(CASES))
 def test_logits_match_transformers(ckpt_path, case, dtype, device):
     path = ckpt_path(case)
-    hf, ours = _hf(path, dtype, device), Transformer.from_checkpoint(Checkpoint(path), device, dtype)
-    tokens = torch.randint(0, 256, (2, T_LONG), generator=torch.Generator().manual_seed(1)).to(device)
+    hf, ours = (
+        _hf(path, dtype, device),
+        Transformer.from_checkpoint(Checkpoint(path), device, dtype),
+    )
+    tokens = torch.randint(0, 256, (2, T_LONG), generator=torch.Generator().manual_seed(1)).to(
+        device
+    )
     ref = _hf_logits(hf, tokens)
 
     full = ours.logits_all(tokens)
     assert full.dtype == torch.float32 and full.shape == ref.shape
     diff = (full - ref).abs().max().item()
-    print(f"{case} {dtype} {device}: logits_all max |diff| {diff:.3g} (max |logit| {ref.abs().max().item():.3g})")
+    print(
+        f"{case} {dtype} {device}: logits_all max |diff| {diff:.3g} (max |logit| {ref.abs().max().item():.3g})"
+    )
     assert diff <= TOL[dtype]
 
     cache = KVCache(ours.args, num_slots=3, max_len=96, device=device, dtype=dtype)
-    lengths, slots = torch.tensor([T_LONG, T_LONG], device=device), torch.tensor([2, 0], device=device)
+    lengths, slots = (
+        torch.tensor([T_LONG, T_LONG], device=device),
+        torch.tensor([2, 0], device=device),
+    )
     last = ours.prefill(tokens, lengths, slots, cache, [Group(0, 2)])
     assert (last - ref[:, -1]).abs().max().item() <= TOL[dtype]
 
     if case == "llama3_rope":  # the check has teeth: without the llama3 scaling the logits move
-        plain = Transformer(dataclasses.replace(ours.args, rope_scaling=None), ours.layers, ours.outer, device, dtype)
+        plain = Transformer(
+            dataclasses.replace(ours.args, rope_scaling=None),
+            ours.layers,
+            ours.outer,
+            device,
+            dtype,
+        )
         assert (plain.logits_all(tokens) - ref).abs().max().item() > 1.0
 
 
-def _greedy_prefill_decode(model: Transformer, prompts: list[list[int]], steps: int, slots: list[int], groups=None):
+def _greedy_prefill_decode(
+    model: Transformer, prompts: list[list[int]], steps: int, slots: list[int], groups=None
+):
     """Prefill right-padded prompts into `slots`, compact to slots [0, B), decode greedily.
 
     Returns per row the full token sequence and the logits of every step ([steps + 1, V])."""
@@ -99,7 +125,9 @@ def _greedy_prefill_decode(model: Transformer, prompts: list[list[int]], steps: 
         tokens[b, : len(p)] = torch.tensor(p)
     lengths = torch.tensor([len(p) for p in prompts], device=dev)
     cache = KVCache(model.args, num_slots=B + 1, max_len=T + steps, device=dev, dtype=model.dtype)
-    logits = [model.prefill(tokens.to(dev), lengths, torch.tensor(slots, device=dev), cache, groups)]
+    logits = [
+        model.prefill(tokens.to(dev), lengths, torch.tensor(slots, device=dev), cache, groups)
+    ]
     cache.move(slots, list(range(B)), T)  # a permutation with overlapping src/dst
     seqs = [list(p) for p in prompts]
     positions = lengths.clone()
@@ -114,20 +142,30 @@ def _greedy_prefill_decode(model: Transformer, prompts: list[list[int]], steps: 
 
 @pytest.mark.parametrize(
     "case,dtype",
-    [("llama", torch.float32), ("llama3_rope", torch.float32), ("qwen2", torch.float32),
-     ("gqa", torch.float32), ("llama3_rope", torch.bfloat16)],
+    [
+        ("llama", torch.float32),
+        ("llama3_rope", torch.float32),
+        ("qwen2", torch.float32),
+        ("gqa", torch.float32),
+        ("llama3_rope", torch.bfloat16),
+    ],
     ids=["llama", "llama3_rope", "qwen2", "gqa", "llama3_rope-bf16"],
 )
 @pytest.mark.parametrize("device", DEVICES)
 def test_prefill_then_decode_matches_transformers(ckpt_path, case, dtype, device):
     path = ckpt_path(case)
-    hf, ours = _hf(path, dtype, device), Transformer.from_checkpoint(Checkpoint(path), device, dtype)
+    hf, ours = (
+        _hf(path, dtype, device),
+        Transformer.from_checkpoint(Checkpoint(path), device, dtype),
+    )
     gen = torch.Generator().manual_seed(2)
     prompts = [torch.randint(0, 256, (n,), generator=gen).tolist() for n in (5, 70, 33)]
     steps = 5
     seqs, logits = _greedy_prefill_decode(ours, prompts, steps, slots=[2, 0, 1])
     for b, seq in enumerate(seqs):
-        ref = _hf_logits(hf, torch.tensor([seq], device=device))[0].cpu()  # [len, V]; position p predicts token p + 1
+        ref = _hf_logits(hf, torch.tensor([seq], device=device))[
+            0
+        ].cpu()  # [len, V]; position p predicts token p + 1
         n = len(prompts[b])
         want = ref[n - 1 : n + steps]  # the prompt's last token, then each decoded token
         diff = (logits[b] - want).abs().max().item()
@@ -136,21 +174,29 @@ def test_prefill_then_decode_matches_transformers(ckpt_path, case, dtype, device
 
 
 @pytest.fixture(scope="module")
-def family(tmp_path_factory):
-    return build_family(tmp_path_factory.mktemp("fam"), TinySpec(num_layers=L, planted_bottom=2, planted_top=1), ("sw",))
+def tiny_family(tmp_path_factory):
+    return build_family(
+        tmp_path_factory.mktemp("fam"),
+        TinySpec(num_layers=L, planted_bottom=2, planted_top=1),
+        ("sw",),
+    )
 
 
 SWAPPED = (0, 1, L - 1)
 
 
 @pytest.mark.parametrize("with_outer", [False, True], ids=["layers", "layers+outer"])
-def test_mixed_groups_equal_merged_models(family, tmp_path, with_outer, monkeypatch):
-    resident = Transformer.from_checkpoint(Checkpoint(family.math), "cpu", torch.float32)
-    lang = Transformer.from_checkpoint(Checkpoint(family.languages["sw"]), "cpu", torch.float32)
+def test_mixed_groups_equal_merged_models(tiny_family, tmp_path, with_outer, monkeypatch):
+    resident = Transformer.from_checkpoint(Checkpoint(tiny_family.math), "cpu", torch.float32)
+    lang = Transformer.from_checkpoint(
+        Checkpoint(tiny_family.languages["sw"]), "cpu", torch.float32
+    )
     overrides = {i: lang.layers[i] for i in SWAPPED}
     outer = lang.outer if with_outer else None
     merged_layers = [overrides.get(i, w) for i, w in enumerate(resident.layers)]
-    merged = Transformer(resident.args, merged_layers, outer or resident.outer, "cpu", torch.float32)
+    merged = Transformer(
+        resident.args, merged_layers, outer or resident.outer, "cpu", torch.float32
+    )
 
     gen = torch.Generator().manual_seed(3)
     prompts = [torch.randint(0, 256, (n,), generator=gen).tolist() for n in (9, 4, 12, 7, 10)]
@@ -158,8 +204,14 @@ def test_mixed_groups_equal_merged_models(family, tmp_path, with_outer, monkeypa
 
     calls = []  # rows of every block call: shared layers must run once over the whole batch
     block = Transformer._block
-    monkeypatch.setattr(Transformer, "_block", lambda self, w, x, *a: calls.append(x.shape[0]) or block(self, w, x, *a))
-    seqs, logits = _greedy_prefill_decode(resident, prompts, steps=4, slots=[4, 3, 2, 1, 0], groups=groups)
+    monkeypatch.setattr(
+        Transformer,
+        "_block",
+        lambda self, w, x, *a: calls.append(x.shape[0]) or block(self, w, x, *a),
+    )
+    seqs, logits = _greedy_prefill_decode(
+        resident, prompts, steps=4, slots=[4, 3, 2, 1, 0], groups=groups
+    )
     per_step = [3 if i in SWAPPED else 1 for i in range(L)]
     assert len(calls) == 5 * sum(per_step)  # prefill + 4 decode steps
     assert calls[: sum(per_step)] == [2, 2, 1, 2, 2, 1, 5, 2, 2, 1]
@@ -170,14 +222,18 @@ def test_mixed_groups_equal_merged_models(family, tmp_path, with_outer, monkeypa
         diff = (logits[b] - alone[n - 1 : n + 4]).abs().max().item()
         assert diff <= 1e-4, (b, diff)
     # swapped rows really differ from the resident
-    assert (logits[2] - resident.logits_all(torch.tensor([seqs[2]]))[0][len(prompts[2]) - 1 :]).abs().max() > 1
+    assert (
+        logits[2] - resident.logits_all(torch.tensor([seqs[2]]))[0][len(prompts[2]) - 1 :]
+    ).abs().max() > 1
 
     # the merged model is what transformers computes on the merged checkpoint (the oracle)
-    math, sw = Checkpoint(family.math), Checkpoint(family.languages["sw"])
+    math, sw = Checkpoint(tiny_family.math), Checkpoint(tiny_family.languages["sw"])
     swapped_names = {f"model.layers.{i}." for i in SWAPPED}
     weights = {}
     for name in math.names:
-        from_lang = any(name.startswith(p) for p in swapped_names) or (with_outer and "layers" not in name)
+        from_lang = any(name.startswith(p) for p in swapped_names) or (
+            with_outer and "layers" not in name
+        )
         weights[name] = (sw if from_lang else math).get(name)
     spec = TinySpec(num_layers=L)
     path = write_checkpoint(tmp_path / "merged", spec, weights)
@@ -185,13 +241,19 @@ def test_mixed_groups_equal_merged_models(family, tmp_path, with_outer, monkeypa
     assert (logits[2] - ref[len(prompts[2]) - 1 :]).abs().max().item() <= 1e-4
 
 
-def test_adjacent_groups_on_the_same_weights_run_together(family, monkeypatch):
-    resident = Transformer.from_checkpoint(Checkpoint(family.math), "cpu", torch.float32)
-    lang = Transformer.from_checkpoint(Checkpoint(family.languages["sw"]), "cpu", torch.float32)
+def test_adjacent_groups_on_the_same_weights_run_together(tiny_family, monkeypatch):
+    resident = Transformer.from_checkpoint(Checkpoint(tiny_family.math), "cpu", torch.float32)
+    lang = Transformer.from_checkpoint(
+        Checkpoint(tiny_family.languages["sw"]), "cpu", torch.float32
+    )
     overrides = {i: lang.layers[i] for i in SWAPPED}
     calls = []
     block = Transformer._block
-    monkeypatch.setattr(Transformer, "_block", lambda self, w, x, *a: calls.append(x.shape[0]) or block(self, w, x, *a))
+    monkeypatch.setattr(
+        Transformer,
+        "_block",
+        lambda self, w, x, *a: calls.append(x.shape[0]) or block(self, w, x, *a),
+    )
     cache = KVCache(resident.args, 4, 16, "cpu", torch.float32)
     tokens = torch.randint(0, 256, (4, 6))
     groups = [Group(0, 1, overrides), Group(1, 3, dict(overrides)), Group(3, 4)]
@@ -209,8 +271,8 @@ def test_kv_cache_move_permutes_overlapping_slots():
     before = [t.clone() for t in (*cache.k, *cache.v)]
     src, dst, length = [0, 1, 2, 4], [1, 2, 0, 3], 5
     cache.move(src, dst, length)
-    for old, new in zip(before, (*cache.k, *cache.v)):
-        for s, d in zip(src, dst):
+    for old, new in zip(before, (*cache.k, *cache.v), strict=True):
+        for s, d in zip(src, dst, strict=True):
             assert torch.equal(new[d, :, :length], old[s, :, :length])
             assert torch.equal(new[d, :, length:], old[d, :, length:])
         assert torch.equal(new[4], old[4])  # a source that is no destination keeps its data
@@ -222,23 +284,39 @@ def test_kv_cache_move_permutes_overlapping_slots():
 def test_config_parsing_and_refusals(ckpt_path):
     raw = json.loads((ckpt_path("llama3_rope") / "config.json").read_text())
     args = ModelArgs.from_hf_config(raw)
-    assert args.rope_scaling["rope_type"] == "llama3" and args.rope_scaling["original_max_position_embeddings"] == 64
+    assert (
+        args.rope_scaling["rope_type"] == "llama3"
+        and args.rope_scaling["original_max_position_embeddings"] == 64
+    )
     assert args.rope_theta == 500000.0 and args.head_dim == 32 and args.n_kv_heads == 2
     # transformers-5 style (rope_parameters), as AutoConfig writes it back
-    assert ModelArgs.from_hf_config(AutoConfig.from_pretrained(ckpt_path("llama3_rope")).to_dict()) == args
+    assert (
+        ModelArgs.from_hf_config(AutoConfig.from_pretrained(ckpt_path("llama3_rope")).to_dict())
+        == args
+    )
     no_head_dim = {k: v for k, v in raw.items() if k != "head_dim"}
     assert ModelArgs.from_hf_config(no_head_dim).head_dim == 128 // 4
     assert ModelArgs.from_hf_config(hf_config(CASES["qwen2"])).qkv_bias
-    assert ModelArgs.from_hf_config({**raw, "rope_scaling": {"type": "linear", "factor": 2.0}}).rope_scaling == {
-        "rope_type": "linear", "factor": 2.0}
+    assert ModelArgs.from_hf_config(
+        {**raw, "rope_scaling": {"type": "linear", "factor": 2.0}}
+    ).rope_scaling == {"rope_type": "linear", "factor": 2.0}
 
     bad = [
         ({**raw, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope_scaling.rope_type"),
-        ({**raw, "rope_scaling": None, "rope_parameters": {"rope_type": "dynamic", "rope_theta": 1e4}},
-         "rope_parameters.rope_type"),
+        (
+            {
+                **raw,
+                "rope_scaling": None,
+                "rope_parameters": {"rope_type": "dynamic", "rope_theta": 1e4},
+            },
+            "rope_parameters.rope_type",
+        ),
         ({**raw, "model_type": "gpt2"}, "model_type"),
         ({**hf_config(CASES["mistral"]), "sliding_window": 64}, "sliding_window"),
-        ({**hf_config(CASES["qwen2"]), "use_sliding_window": True, "sliding_window": 64}, "use_sliding_window"),
+        (
+            {**hf_config(CASES["qwen2"]), "use_sliding_window": True, "sliding_window": 64},
+            "use_sliding_window",
+        ),
         ({**raw, "hidden_act": "gelu"}, "hidden_act"),
     ]
     for config, field_name in bad:
@@ -258,5 +336,7 @@ def test_missing_tensor_is_named(ckpt_path):
     del tensors["lm_head.weight"]
     with pytest.raises(ModserveError, match="lm_head.weight"):
         OuterWeights.from_hf(tensors, args, "cpu", torch.float32)
-    tied = OuterWeights.from_hf(tensors, dataclasses.replace(args, tie_embeddings=True), "cpu", torch.float32)
+    tied = OuterWeights.from_hf(
+        tensors, dataclasses.replace(args, tie_embeddings=True), "cpu", torch.float32
+    )
     assert tied.lm_head is tied.embed and tied.nbytes() == tied.embed.nbytes + tied.norm.nbytes

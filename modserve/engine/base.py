@@ -8,7 +8,8 @@ here knows about HTTP, and nothing above it touches tensors.
 from __future__ import annotations
 
 import abc
-from collections.abc import AsyncIterator
+import asyncio
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
@@ -119,6 +120,38 @@ class EngineStats:
     resident_bytes: int = 0
 
 
+class OutputStream:
+    """One request's outputs as an async iterator; closing it before the end aborts the request.
+
+    Unlike an async generator, closing works even before the first output is read,
+    so a request refused or abandoned by the server never lingers in the engine.
+    """
+
+    def __init__(self, request_id: str, abort: Callable[[str], Awaitable[None]]):
+        self.request_id = request_id
+        self.queue: asyncio.Queue[RequestOutput | Exception] = asyncio.Queue()
+        self._abort = abort
+        self._done = False
+
+    def __aiter__(self) -> OutputStream:
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if self._done:
+            raise StopAsyncIteration
+        item = await self.queue.get()
+        if isinstance(item, Exception):
+            self._done = True
+            raise item
+        self._done = item.finished
+        return item
+
+    async def aclose(self) -> None:
+        if not self._done:
+            self._done = True
+            await self._abort(self.request_id)
+
+
 class EngineObserver(Protocol):
     """Hooks the server turns into metrics; the engine never imports a metrics library."""
 
@@ -173,10 +206,10 @@ class Engine(abc.ABC):
     async def shutdown(self) -> None: ...
 
     @abc.abstractmethod
-    def generate(self, request: GenerationRequest) -> AsyncIterator[RequestOutput]:
-        """Stream outputs; raises EngineError subclasses before the first output when refused.
+    def generate(self, request: GenerationRequest) -> OutputStream:
+        """Queue the request and return its output stream; refusals raise EngineError here.
 
-        Closing the iterator early (client gone) aborts the request.
+        Closing the stream early (client gone) aborts the request.
         """
 
     @abc.abstractmethod

@@ -19,8 +19,12 @@ class KVCache:
         self.num_slots, self.max_len = num_slots, max_len
         self.device, self.dtype = torch.device(device), dtype
         shape = (num_slots, args.n_kv_heads, max_len, args.head_dim)
-        self.k: list[Tensor] = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(args.n_layers)]
-        self.v: list[Tensor] = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(args.n_layers)]
+        self.k: list[Tensor] = [
+            torch.zeros(shape, device=device, dtype=dtype) for _ in range(args.n_layers)
+        ]
+        self.v: list[Tensor] = [
+            torch.zeros(shape, device=device, dtype=dtype) for _ in range(args.n_layers)
+        ]
 
     @torch.inference_mode()
     def move(self, src: Sequence[int], dst: Sequence[int], length: int) -> None:

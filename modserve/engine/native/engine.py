@@ -12,7 +12,6 @@ import itertools
 import logging
 import queue
 import threading
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,12 +20,12 @@ import torch
 from modserve.checkpoint import Checkpoint
 from modserve.config import ServeConfig
 from modserve.engine.base import (
-    RESIDENT,
     ChoiceDelta,
     Engine,
     EngineError,
     EngineStats,
     GenerationRequest,
+    OutputStream,
     QueueFullError,
     RequestOutput,
 )
@@ -163,32 +162,20 @@ class NativeEngine(Engine):
 
     # --- the asyncio side ----------------------------------------------------------------
 
-    def generate(self, request: GenerationRequest) -> AsyncIterator[RequestOutput]:
+    def generate(self, request: GenerationRequest) -> OutputStream:
         self.check_request(request)
+        if request.request_id in self._requests:
+            raise EngineError(f"request id {request.request_id!r} is already running", param="request_id")
         with self._count_lock:
             if self._waiting_requests >= self.config.max_waiting:
                 raise QueueFullError(f"{self._waiting_requests} requests are already waiting; retry later")
             self._waiting_requests += 1
-        if request.request_id in self._requests:
-            raise EngineError(f"request id {request.request_id!r} is already running", param="request_id")
-        state = RequestState(request, asyncio.get_running_loop(), asyncio.Queue())
+        stream = OutputStream(request.request_id, self.abort)
+        state = RequestState(request, asyncio.get_running_loop(), stream.queue)
         self._requests[request.request_id] = state
         self._inbox.put(("add", state))
         self._wakeup.set()
-        return self._stream(state)
-
-    async def _stream(self, state: RequestState) -> AsyncIterator[RequestOutput]:
-        try:
-            while True:
-                item = await state.outputs.get()
-                if isinstance(item, Exception):
-                    raise item
-                yield item
-                if item.finished:
-                    return
-        finally:
-            if not state.done:
-                await self.abort(state.request.request_id)
+        return stream
 
     async def abort(self, request_id: str) -> None:
         self._inbox.put(("abort", request_id))

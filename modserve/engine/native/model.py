@@ -54,14 +54,19 @@ class ModelArgs:
 
         arch = config.get("model_type")
         if arch not in ARCHS:
-            raise bad("model_type", f"{arch!r} is not supported (native backend: {', '.join(ARCHS)})")
+            raise bad(
+                "model_type", f"{arch!r} is not supported (native backend: {', '.join(ARCHS)})"
+            )
         if config.get("hidden_act", "silu") != "silu":
             raise bad("hidden_act", f"{config['hidden_act']!r} is not supported (only silu)")
         if config.get("mlp_bias"):
             raise bad("mlp_bias", "MLP biases are not supported")
         if arch == "mistral" and config.get("sliding_window") is not None:
             if config["sliding_window"] < config.get("max_position_embeddings", 0):
-                raise bad("sliding_window", f"sliding-window attention ({config['sliding_window']}) is not supported")
+                raise bad(
+                    "sliding_window",
+                    f"sliding-window attention ({config['sliding_window']}) is not supported",
+                )
         if arch == "qwen2" and config.get("use_sliding_window"):
             raise bad("use_sliding_window", "sliding-window attention is not supported")
         if "sliding_attention" in (config.get("layer_types") or []):
@@ -97,7 +102,10 @@ class ModelArgs:
                     ),
                 }
             else:
-                raise bad(f"{source}.rope_type", f"{rope_type!r} is not supported (default, linear, llama3)")
+                raise bad(
+                    f"{source}.rope_type",
+                    f"{rope_type!r} is not supported (default, linear, llama3)",
+                )
         except KeyError as err:
             raise bad(f"{source}.{err.args[0]}", f"missing for rope_type {rope_type!r}") from None
 
@@ -115,7 +123,8 @@ class ModelArgs:
                 rope_theta=theta,
                 rope_scaling=scaling,
                 tie_embeddings=bool(config.get("tie_word_embeddings", False)),
-                qkv_bias=arch == "qwen2" or (arch == "llama" and bool(config.get("attention_bias"))),
+                qkv_bias=arch == "qwen2"
+                or (arch == "llama" and bool(config.get("attention_bias"))),
                 max_position_embeddings=max_pos,
                 o_bias=arch == "llama" and bool(config.get("attention_bias")),
             )
@@ -242,7 +251,11 @@ def rope_inv_freq(args: ModelArgs) -> Tensor:
     if scaling["rope_type"] == "linear":
         return inv_freq / scaling["factor"]
     if scaling["rope_type"] == "llama3":
-        factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+        factor, low, high = (
+            scaling["factor"],
+            scaling["low_freq_factor"],
+            scaling["high_freq_factor"],
+        )
         old_len = scaling["original_max_position_embeddings"]
         wavelen = 2 * math.pi / inv_freq
         scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
@@ -275,10 +288,8 @@ def _runs(groups: list[Group], pick: Callable[[Group], object]) -> list[tuple[in
     return runs
 
 
-def _per_run(runs, fn: Callable[[int, int, object], Tensor]) -> Tensor:
-    if len(runs) == 1:
-        return fn(*runs[0])
-    return torch.cat([fn(s, e, w) for s, e, w in runs])
+def _cat(parts: list[Tensor]) -> Tensor:
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 # attend(q, k, v, rows) -> o: q [n, H, T, d], k/v [n, K, T, d] (new tokens, RoPE applied) -> o [n, H, T, d]
@@ -286,7 +297,9 @@ Attend = Callable[[Tensor, Tensor, Tensor, slice], Tensor]
 
 
 class Transformer:
-    def __init__(self, args: ModelArgs, layers: list[LayerWeights], outer: OuterWeights, device, dtype):
+    def __init__(
+        self, args: ModelArgs, layers: list[LayerWeights], outer: OuterWeights, device, dtype
+    ):
         if len(layers) != args.n_layers:
             raise ModserveError(f"{len(layers)} layers given, config has {args.n_layers}")
         self.args, self.layers, self.outer = args, layers, outer
@@ -298,9 +311,15 @@ class Transformer:
         """Reads tensor by tensor: each is cast/moved, then its source copy is dropped."""
         args = ModelArgs.from_hf_config(ckpt.config)
         tensors = _CheckpointTensors(ckpt)
-        layers = [LayerWeights.from_hf(tensors, i, device, dtype, args) for i in range(args.n_layers)]
+        layers = [
+            LayerWeights.from_hf(tensors, i, device, dtype, args) for i in range(args.n_layers)
+        ]
         outer = OuterWeights.from_hf(tensors, args, device, dtype)
         return cls(args, layers, outer, device, dtype)
+
+    def nbytes(self) -> int:
+        """Resident weights (layers, embeddings, norm, lm_head)."""
+        return self.outer.nbytes() + sum(layer.nbytes() for layer in self.layers)
 
     # ---- building blocks -------------------------------------------------------------------
 
@@ -310,52 +329,73 @@ class Transformer:
         emb = torch.cat((freqs, freqs), dim=-1)  # [B, T, d]
         return emb.cos().to(self.dtype)[:, None], emb.sin().to(self.dtype)[:, None]
 
-    def _block(self, w: LayerWeights, x: Tensor, cos: Tensor, sin: Tensor, rows: slice, attend: Attend) -> Tensor:
+    def _block(
+        self, w: LayerWeights, x: Tensor, cos: Tensor, sin: Tensor, rows: slice, attend: Attend
+    ) -> Tensor:
         """One decoder layer on x [n, T, D] (batch rows `rows`)."""
-        a = self.args
         n, T, _ = x.shape
-        h = rms_norm(x, w.attn_norm, a.norm_eps)
-        q = F.linear(h, w.wq, w.bq).view(n, T, a.n_heads, a.head_dim).transpose(1, 2)  # [n, H, T, d]
-        k = F.linear(h, w.wk, w.bk).view(n, T, a.n_kv_heads, a.head_dim).transpose(1, 2)  # [n, K, T, d]
-        v = F.linear(h, w.wv, w.bv).view(n, T, a.n_kv_heads, a.head_dim).transpose(1, 2)  # [n, K, T, d]
+        a = self.args
+        H, K, d, eps = a.n_heads, a.n_kv_heads, a.head_dim, a.norm_eps
+        h = rms_norm(x, w.attn_norm, eps)
+        q = F.linear(h, w.wq, w.bq).view(n, T, H, d).transpose(1, 2)  # [n, H, T, d]
+        k = F.linear(h, w.wk, w.bk).view(n, T, K, d).transpose(1, 2)  # [n, K, T, d]
+        v = F.linear(h, w.wv, w.bv).view(n, T, K, d).transpose(1, 2)  # [n, K, T, d]
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
         o = attend(q, k, v, rows)  # [n, H, T, d]
-        x = x + F.linear(o.transpose(1, 2).reshape(n, T, a.n_heads * a.head_dim), w.wo, w.bo)
-        h = rms_norm(x, w.ffn_norm, a.norm_eps)
+        x = x + F.linear(o.transpose(1, 2).reshape(n, T, H * d), w.wo, w.bo)
+        h = rms_norm(x, w.ffn_norm, eps)
         return x + F.linear(F.silu(F.linear(h, w.w_gate)) * F.linear(h, w.w_up), w.w_down)
 
     def _outer(self, g: Group) -> OuterWeights:
         return self.outer if g.outer is None else g.outer
 
-    def _forward(self, tokens: Tensor, positions: Tensor, groups: list[Group], attend: Callable[[int], Attend]) -> Tensor:
+    def _forward(
+        self,
+        tokens: Tensor,
+        positions: Tensor,
+        groups: list[Group],
+        attend: Callable[[int], Attend],
+    ) -> Tensor:
         """tokens/positions [B, T] -> final hidden states [B, T, D] (before the final norm)."""
         B = tokens.shape[0]
-        if not groups or groups[0].start != 0 or groups[-1].end != B or any(
-            a.end != b.start for a, b in zip(groups, groups[1:])
-        ):
-            raise ValueError(f"groups {[(g.start, g.end) for g in groups]} do not cover rows [0, {B}) in order")
-        cos, sin = self._rope(positions)
-        x = _per_run(_runs(groups, self._outer), lambda s, e, o: F.embedding(tokens[s:e], o.embed))  # [B, T, D]
+        bounds = [0] + [b for g in groups for b in (g.start, g.end)] + [B]
+        if not groups or bounds[::2] != bounds[1::2]:
+            raise ValueError(
+                f"groups {[(g.start, g.end) for g in groups]} do not cover rows [0, {B}) in order"
+            )
+        cos, sin = self._rope(positions)  # [B, 1, T, d]
+        # x [B, T, D]; every piece is computed per run of rows on the same weights
+        x = _cat([F.embedding(tokens[s:e], o.embed) for s, e, o in _runs(groups, self._outer)])
         for i, resident in enumerate(self.layers):
-            runs = _runs(groups, lambda g: g.layers.get(i, resident))
-            x = _per_run(runs, lambda s, e, w: self._block(w, x[s:e], cos[s:e], sin[s:e], slice(s, e), attend(i)))
+            runs = _runs(groups, lambda g, i=i, r=resident: g.layers.get(i, r))
+            parts = [
+                self._block(w, x[s:e], cos[s:e], sin[s:e], slice(s, e), attend(i))
+                for s, e, w in runs
+            ]
+            x = _cat(parts)
         return x
 
     def _head(self, h: Tensor, groups: list[Group]) -> Tensor:
         """h [B, ..., D] -> float32 logits [B, ..., V]."""
-        runs = _runs(groups, self._outer)
         eps = self.args.norm_eps
-        return _per_run(runs, lambda s, e, o: F.linear(rms_norm(h[s:e], o.norm, eps), o.lm_head).float())
+        runs = _runs(groups, self._outer)
+        return _cat(
+            [F.linear(rms_norm(h[s:e], o.norm, eps), o.lm_head).float() for s, e, o in runs]
+        )
 
     @staticmethod
     def _causal(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=q.shape[1] != k.shape[1])
+        return F.scaled_dot_product_attention(
+            q, k, v, is_causal=True, enable_gqa=q.shape[1] != k.shape[1]
+        )
 
     # ---- entry points ----------------------------------------------------------------------
 
     @torch.inference_mode()
-    def prefill(self, tokens: Tensor, lengths: Tensor, slots: Tensor, cache: KVCache, groups: list[Group]) -> Tensor:
+    def prefill(
+        self, tokens: Tensor, lengths: Tensor, slots: Tensor, cache: KVCache, groups: list[Group]
+    ) -> Tensor:
         """tokens [B, T] right-padded, lengths [B], slots [B] -> float32 logits [B, V] at lengths-1.
 
         Writes row b's K/V into cache slot slots[b], positions [0, T) (pad positions hold junk
@@ -363,7 +403,9 @@ class Transformer:
         """
         B, T = tokens.shape
         if T > cache.max_len:
-            raise ModserveError(f"prompt of {T} tokens does not fit the KV cache (max_len {cache.max_len})")
+            raise ModserveError(
+                f"prompt of {T} tokens does not fit the KV cache (max_len {cache.max_len})"
+            )
         positions = torch.arange(T, device=tokens.device).expand(B, T)
 
         def attend(i: int) -> Attend:
@@ -379,7 +421,9 @@ class Transformer:
         return self._head(last, groups)
 
     @torch.inference_mode()
-    def decode(self, tokens: Tensor, positions: Tensor, cache: KVCache, groups: list[Group]) -> Tensor:
+    def decode(
+        self, tokens: Tensor, positions: Tensor, cache: KVCache, groups: list[Group]
+    ) -> Tensor:
         """tokens [B], positions [B] -> float32 logits [B, V]; row b is cache slot b.
 
         Writes K/V at positions[b] and attends to keys [0, positions[b]] of a view of the
@@ -387,19 +431,19 @@ class Transformer:
         H/K query heads sharing a kv head become the query-length axis of SDPA.
         """
         a = self.args
-        B = tokens.shape[0]
-        L = int(positions.max()) + 1
+        L = int(positions.max()) + 1  # the one host sync of a step
         if L > cache.max_len:
             raise ModserveError(f"position {L - 1} is past the KV cache (max_len {cache.max_len})")
         rep = a.n_heads // a.n_kv_heads
-        keep = (torch.arange(L, device=positions.device) <= positions[:, None])[:, None, None, :]  # [B, 1, 1, L]
+        keep = torch.arange(L, device=positions.device) <= positions[:, None]  # [B, L]
+        keep = keep[:, None, None, :]  # [B, 1, 1, L]
+        row_ids = torch.arange(tokens.shape[0], device=positions.device)
 
         def attend(i: int) -> Attend:
             def fn(q, k, v, rows):
                 n = q.shape[0]
-                row_ids = torch.arange(rows.start, rows.stop, device=positions.device)
-                cache.k[i][row_ids, :, positions[rows]] = k[:, :, 0]  # [n, K, d]
-                cache.v[i][row_ids, :, positions[rows]] = v[:, :, 0]
+                cache.k[i][row_ids[rows], :, positions[rows]] = k[:, :, 0]  # [n, K, d]
+                cache.v[i][row_ids[rows], :, positions[rows]] = v[:, :, 0]
                 keys, values = cache.k[i][rows, :, :L], cache.v[i][rows, :, :L]  # [n, K, L, d]
                 q = q.reshape(n, a.n_kv_heads, rep, a.head_dim)  # [n, K, H/K, d]
                 o = F.scaled_dot_product_attention(q, keys, values, attn_mask=keep[rows])
@@ -416,5 +460,7 @@ class Transformer:
         B, T = tokens.shape
         positions = torch.arange(T, device=tokens.device).expand(B, T)
         groups = [Group(0, B)]
-        h = self._forward(tokens, positions, groups, lambda i: lambda q, k, v, rows: self._causal(q, k, v))
+        h = self._forward(
+            tokens, positions, groups, lambda i: lambda q, k, v, rows: self._causal(q, k, v)
+        )
         return self._head(h, groups)

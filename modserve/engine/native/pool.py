@@ -130,9 +130,14 @@ class PackPool:
                 self._device.move_to_end(language)
                 self._pins[language] = self._pins.get(language, 0) + 1
                 return pack
-            if language not in self._loading and self._reserve(language):
+            if language in self._loading:
+                return None
+            spilled = self._host.pop(language, None)  # held aside, so making room can't drop it
+            if self._reserve(language):
                 self._failed.pop(language, None)
-                self._loader.submit(self._bring_to_device, language)
+                self._loader.submit(self._bring_to_device, language, spilled)
+            elif spilled is not None:
+                self._host[language] = spilled
             return None
 
     def release(self, language: str) -> None:
@@ -166,10 +171,8 @@ class PackPool:
 
     # --- the loader thread ---------------------------------------------------------------
 
-    def _bring_to_device(self, language: str) -> None:
+    def _bring_to_device(self, language: str, spilled: PackWeights | None) -> None:
         start = time.perf_counter()
-        with self._lock:
-            spilled = self._host.pop(language, None)
         source = "host" if spilled is not None else "disk"
         try:
             pack = spilled.to(self.device) if spilled is not None else self._load_from_disk(language)

@@ -1,0 +1,250 @@
+"""The native engine serves every language exactly like its merged checkpoint, mixed or alone."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+
+import pytest
+
+from modserve.engine.base import (
+    GenerationRequest,
+    InvalidRequestError,
+    PackUnavailableError,
+    PromptTooLongError,
+    QueueFullError,
+    SamplingParams,
+)
+from modserve.engine.native.engine import NativeEngine, NativeEngineConfig
+from modserve.packs.build import BuildJob, build_packs
+from modserve.packs.merge import merge_pack
+from modserve.packs.plan import Plan
+from tests.oracle import hf_greedy
+
+LANGUAGES = ["sw", "te", "bn", "ja", "resident"]
+GREEDY = SamplingParams(max_tokens=20, temperature=0.0)
+
+
+class RecordingObserver:
+    def __init__(self):
+        self.loads: list[tuple[str, str]] = []
+        self.failures: list[tuple[str, str]] = []
+        self.steps: list[tuple[int, int]] = []
+
+    def pack_loaded(self, language, source, seconds):
+        self.loads.append((language, source))
+
+    def pack_load_failed(self, language, reason):
+        self.failures.append((language, reason))
+
+    def pack_swapped(self, language, seconds):
+        pass
+
+    def step(self, languages, batch_size):
+        self.steps.append((languages, batch_size))
+
+
+async def started(resident, packs, **kwargs) -> NativeEngine:
+    observer = kwargs.pop("observer", None)
+    engine = NativeEngine(
+        NativeEngineConfig(resident=resident, packs=packs, device="cpu", dtype="float32", max_model_len=512, **kwargs)
+    )
+    if observer is not None:
+        engine.observer = observer
+    await engine.start()
+    return engine
+
+
+@pytest.fixture
+async def engine(demo):
+    engine = await started(demo.resident, demo.packs)
+    yield engine
+    await engine.shutdown()
+
+
+async def until(condition, timeout: float = 5.0) -> None:
+    """Aborts are applied by the model thread between steps; wait for them to land."""
+    for _ in range(int(timeout / 0.01)):
+        if condition():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("condition not reached in time")
+
+
+def chat_ids(engine, text: str) -> list[int]:
+    return engine.tokenizer.apply_chat_template(
+        [{"role": "user", "content": text}], add_generation_prompt=True
+    )["input_ids"]
+
+
+async def collect(engine, request: GenerationRequest) -> dict:
+    """Token ids and text per choice, the finish reasons, and the last usage."""
+    tokens, text, reasons, last = {}, {}, {}, None
+    async for out in engine.generate(request):
+        for c in out.choices:
+            tokens.setdefault(c.index, []).extend(c.token_ids)
+            text[c.index] = text.get(c.index, "") + c.text
+            if c.finish_reason:
+                reasons[c.index] = c.finish_reason
+        last = out
+    return {"tokens": tokens, "text": text, "reasons": reasons, "usage": (last.prompt_tokens, last.completion_tokens)}
+
+
+async def greedy(engine, rid: str, language: str, prompt: list[int], max_tokens: int = 20) -> list[int]:
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
+    return (await collect(engine, GenerationRequest(rid, prompt, params, language)))["tokens"][0]
+
+
+@pytest.mark.parametrize("language", LANGUAGES)
+async def test_each_language_alone_equals_transformers_on_its_merge(engine, merged, language):
+    prompt = chat_ids(engine, f"Swali: 12 + 7 = ? ({language})")
+    assert await greedy(engine, "r", language, prompt) == hf_greedy(merged[language], prompt, 20)
+
+
+async def test_mixed_batch_with_requests_joining_mid_flight_equals_merges(engine, merged):
+    prompts = {
+        (lang, k): chat_ids(engine, f"{k} question {'long ' * (3 * k)}in {lang}")
+        for k, lang in enumerate(LANGUAGES * 2)
+    }
+    first = [greedy(engine, f"a{i}", lang, p, 30) for i, ((lang, _), p) in enumerate(list(prompts.items())[:5])]
+    early = [asyncio.ensure_future(c) for c in first]
+    while not engine.scheduler.running:  # the first wave is decoding when the second arrives
+        await asyncio.sleep(0.001)
+    late = [greedy(engine, f"b{i}", lang, p, 12) for i, ((lang, _), p) in enumerate(list(prompts.items())[5:])]
+    results = await asyncio.gather(*early, *late)
+    for ((lang, _), prompt), got in zip(prompts.items(), results, strict=True):
+        assert got == hf_greedy(merged[lang], prompt, len(got) if len(got) < 30 else 30)[: len(got)]
+        assert len(got) in (12, 30) or got[-1] in (257, 260)
+
+
+async def test_one_decode_step_holds_several_languages(demo):
+    observer = RecordingObserver()
+    engine = await started(demo.resident, demo.packs, observer=observer)
+    try:
+        prompt = chat_ids(engine, "hello")
+        await asyncio.gather(*[greedy(engine, lang, lang, prompt, 16) for lang in LANGUAGES])
+    finally:
+        await engine.shutdown()
+    assert max(langs for langs, _ in observer.steps) == len(LANGUAGES)
+
+
+async def test_abort_frees_the_cache_slot(engine):
+    prompt = chat_ids(engine, "long answer please")
+    params = SamplingParams(max_tokens=400, temperature=0.0, ignore_eos=True)
+    stream = engine.generate(GenerationRequest("long", prompt, params, "sw"))
+    await stream.__anext__()
+    assert engine.stats().running == 1
+    await stream.aclose()  # the client went away
+    await until(lambda: engine.stats().running == 0)
+    assert engine.scheduler.running == [] and engine.stats().kv_tokens_used == 0
+    assert engine.pool._pins.get("sw", 0) == 0
+    assert len(await greedy(engine, "next", "te", prompt, 5)) == 5
+
+
+async def test_pool_budget_evicts_and_reloads_with_identical_results(demo, merged):
+    observer = RecordingObserver()
+    one_pack = max(p.stat().st_size for p in (pack / "blocks.safetensors" for pack in demo.packs.values()))
+    engine = await started(
+        demo.resident, demo.packs, observer=observer, pack_memory=int(one_pack * 1.5), host_pack_memory=int(one_pack * 1.5)
+    )
+    try:
+        prompt = chat_ids(engine, "budget")
+        for lang in ["sw", "te", "sw", "bn", "ja", "te"]:
+            assert await greedy(engine, lang, lang, prompt, 8) == hf_greedy(merged[lang], prompt, 8)
+            tiers, _ = engine.pool.stats()
+            assert tiers["device"] <= 1 and tiers["host"] <= 1
+        mixed = await asyncio.gather(*[greedy(engine, f"m{lang}", lang, prompt, 8) for lang in LANGUAGES])
+        assert mixed == [hf_greedy(merged[lang], prompt, 8) for lang in LANGUAGES]
+    finally:
+        await engine.shutdown()
+    sources = {source for _, source in observer.loads}
+    assert sources == {"disk", "host"}  # spilled packs came back from host memory
+    assert ("sw", "host") in observer.loads
+
+
+async def test_corrupted_pack_is_refused_and_other_languages_keep_serving(demo, merged, tmp_path):
+    packs = {}
+    for lang, pack in demo.packs.items():
+        packs[lang] = shutil.copytree(pack, tmp_path / pack.name)
+    blob = bytearray((packs["te"] / "blocks.safetensors").read_bytes())
+    blob[-64] ^= 0x10
+    (packs["te"] / "blocks.safetensors").write_bytes(bytes(blob))
+    observer = RecordingObserver()
+    engine = await started(demo.resident, packs, observer=observer)
+    try:
+        prompt = chat_ids(engine, "corrupt")
+        with pytest.raises(PackUnavailableError, match="sha256"):
+            await greedy(engine, "bad", "te", prompt)
+        assert await greedy(engine, "good", "sw", prompt) == hf_greedy(merged["sw"], prompt, 20)
+        assert await greedy(engine, "res", "resident", prompt) == hf_greedy(merged["resident"], prompt, 20)
+    finally:
+        await engine.shutdown()
+    assert [lang for lang, _ in observer.failures] == ["te"]
+
+
+async def test_plans_that_swap_embeddings_and_lm_head_serve_per_group(family, tmp_path):
+    plans = {"sw": Plan(bottom=2, top=2, non_layer="language"), "te": Plan(bottom=3, top=1, non_layer=0.4)}
+    jobs = [BuildJob(lang, family.languages[lang], plan) for lang, plan in plans.items()]
+    packs = {p.name.removesuffix(".pack"): p for p in build_packs(family.math, jobs, tmp_path / "packs", progress=False)}
+    engine = await started(family.math, packs)
+    try:
+        prompt = chat_ids(engine, "outer weights")
+        got = await asyncio.gather(*[greedy(engine, lang, lang, prompt, 12) for lang in ["sw", "te", "resident"]])
+    finally:
+        await engine.shutdown()
+    for lang, tokens in zip(["sw", "te"], got, strict=False):
+        merged = merge_pack(family.math, packs[lang], tmp_path / f"merged-{lang}", progress=False)
+        assert tokens == hf_greedy(merged, prompt, 12)
+    assert got[2] == hf_greedy(family.math, prompt, 12)
+
+
+async def test_seeded_sampling_is_reproducible_and_choices_differ(engine):
+    prompt = chat_ids(engine, "sample")
+    params = SamplingParams(max_tokens=16, temperature=1.0, top_p=0.9, top_k=50, seed=1234, n=3, ignore_eos=True)
+    first = await collect(engine, GenerationRequest("s1", prompt, params, "ja"))
+    # the same request again, now sharing its batch with other traffic
+    noise = asyncio.ensure_future(greedy(engine, "noise", "sw", prompt, 16))
+    second = await collect(engine, GenerationRequest("s2", prompt, params, "ja"))
+    await noise
+    assert first["tokens"] == second["tokens"]
+    assert len({tuple(t) for t in first["tokens"].values()}) == 3
+    assert first["usage"] == (len(prompt), 48)
+
+
+async def test_max_tokens_stop_strings_and_stop_ids_end_generation(engine):
+    prompt = chat_ids(engine, "stops")
+    free = await collect(engine, GenerationRequest("free", prompt, SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)))
+    assert len(free["tokens"][0]) == 12 and free["reasons"][0] == "length"
+    text = free["text"][0]
+    stop = text[3:5]
+    assert stop and text.find(stop) == 3
+    cut = await collect(engine, GenerationRequest("cut", prompt, SamplingParams(max_tokens=12, temperature=0.0, stop=(stop,), ignore_eos=True)))
+    assert cut["text"][0] == text[:3] and cut["reasons"][0] == "stop"
+    token = free["tokens"][0][4]
+    by_id = await collect(engine, GenerationRequest("id", prompt, SamplingParams(max_tokens=12, temperature=0.0, stop_token_ids=(token,), ignore_eos=True)))
+    assert by_id["tokens"][0] == free["tokens"][0][: free["tokens"][0].index(token) + 1]
+    assert by_id["reasons"][0] == "stop"
+
+
+async def test_full_queue_and_oversized_prompts_are_refused(demo):
+    engine = await started(demo.resident, demo.packs, max_batch_size=1, max_waiting=2)
+    try:
+        prompt = chat_ids(engine, "queue")
+        long = SamplingParams(max_tokens=200, temperature=0.0, ignore_eos=True)
+        running = engine.generate(GenerationRequest("run", prompt, long))
+        await running.__anext__()
+        waiting = [engine.generate(GenerationRequest(f"w{i}", prompt, long)) for i in range(2)]
+        with pytest.raises(QueueFullError):
+            engine.generate(GenerationRequest("over", prompt, long))
+        for stream in [running, *waiting]:
+            await stream.aclose()
+        await until(lambda: engine.stats().waiting == 0 and engine.stats().running == 0)
+        with pytest.raises(PromptTooLongError, match="512"):
+            engine.generate(GenerationRequest("big", [65] * 600, GREEDY))
+        with pytest.raises(InvalidRequestError, match="no pack"):
+            engine.generate(GenerationRequest("xx", prompt, GREEDY, "xx"))
+        with pytest.raises(InvalidRequestError, match="token ids"):
+            engine.generate(GenerationRequest("ids", [10**6], GREEDY))
+        assert len(await greedy(engine, "after", "sw", prompt, 4)) == 4  # nothing leaked, still serving
+    finally:
+        await engine.shutdown()
