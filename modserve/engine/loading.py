@@ -54,3 +54,22 @@ def stop_token_ids(path: Path, config: dict, tokenizer) -> tuple[int, ...]:
         elif isinstance(value, list):
             ids.update(v for v in value if isinstance(v, int))
     return tuple(sorted(ids))
+
+
+def is_gguf(path: Path) -> bool:
+    return Path(path).suffix == ".gguf"
+
+
+def load_gguf(path: Path) -> tuple[dict, dict[str, torch.Tensor], object]:
+    """Config, dequantized HF-named tensors and tokenizer of a GGUF file, via transformers' reader."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(path)
+    if not path.is_file():
+        raise ModserveError(f"model.resident: {path} does not exist")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    except (OSError, ValueError, KeyError) as err:
+        raise ModserveError(f"{path}: not a GGUF file transformers can read ({err})") from None
+    return model.config.to_dict(), dict(model.state_dict()), tokenizer

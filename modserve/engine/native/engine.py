@@ -29,13 +29,21 @@ from modserve.engine.base import (
     QueueFullError,
     RequestOutput,
 )
-from modserve.engine.loading import load_tokenizer, resolve_device, resolve_dtype, stop_token_ids
+from modserve.engine.loading import (
+    is_gguf,
+    load_gguf,
+    load_tokenizer,
+    resolve_device,
+    resolve_dtype,
+    stop_token_ids,
+)
 from modserve.engine.native.cache import KVCache
 from modserve.engine.native.model import Transformer
 from modserve.engine.native.pool import PackPool
 from modserve.engine.native.sampling import make_generator, sample
 from modserve.engine.native.scheduler import Scheduler, Sequence
 from modserve.engine.text import TextStream
+from modserve.errors import ModserveError
 from modserve.packs.format import ResidentHashes
 
 log = logging.getLogger(__name__)
@@ -130,17 +138,31 @@ class NativeEngine(Engine):
         self._ready = True
 
     def _load(self) -> None:
-        resident = Checkpoint(self.config.resident)
-        dtype = resolve_dtype(self.config.dtype, resident.config)
-        self._tokenizer = load_tokenizer(resident.path)
-        self._stop_ids = stop_token_ids(resident.path, resident.config, self._tokenizer)
-        self._model = Transformer.from_checkpoint(resident, self.device, dtype)
+        path = Path(self.config.resident)
+        if is_gguf(path):
+            if self.config.packs:
+                raise ModserveError(
+                    "packs: a GGUF resident cannot be fingerprinted against packs; "
+                    "serve packs with the safetensors checkpoint they were built from"
+                )
+            config, tensors, self._tokenizer = load_gguf(path)
+            dtype = resolve_dtype(self.config.dtype, config)
+            self._model = Transformer.from_tensors(config, tensors, self.device, dtype)
+            resident_hashes = None
+        else:
+            resident = Checkpoint(path)
+            config = resident.config
+            dtype = resolve_dtype(self.config.dtype, config)
+            self._tokenizer = load_tokenizer(path)
+            self._model = Transformer.from_checkpoint(resident, self.device, dtype)
+            resident_hashes = ResidentHashes(resident)
+        self._stop_ids = stop_token_ids(path if path.is_dir() else path.parent, config, self._tokenizer)
         args = self._model.args
         max_len = min(self.config.max_model_len, args.max_position_embeddings)
         self.config.max_model_len = max_len
         self._cache = KVCache(args, self.config.max_batch_size, max_len, self.device, dtype)
         self.pool = PackPool(
-            self.config.packs, ResidentHashes(resident), args, self.device, dtype,
+            self.config.packs, resident_hashes, args, self.device, dtype,
             self.config.pack_memory, self.config.host_pack_memory, self.observer,
         )
         self.pool.wakeup = self._wakeup

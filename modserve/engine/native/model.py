@@ -309,8 +309,12 @@ class Transformer:
     @classmethod
     def from_checkpoint(cls, ckpt, device, dtype) -> Transformer:
         """Reads tensor by tensor: each is cast/moved, then its source copy is dropped."""
-        args = ModelArgs.from_hf_config(ckpt.config)
-        tensors = _CheckpointTensors(ckpt)
+        return cls.from_tensors(ckpt.config, _CheckpointTensors(ckpt), device, dtype)
+
+    @classmethod
+    def from_tensors(cls, config: dict, tensors: Mapping[str, Tensor], device, dtype) -> Transformer:
+        """From a Hugging Face config dict and HF-named tensors (e.g. a dequantized GGUF)."""
+        args = ModelArgs.from_hf_config(config)
         layers = [
             LayerWeights.from_hf(tensors, i, device, dtype, args) for i in range(args.n_layers)
         ]

@@ -76,7 +76,7 @@ class PackPool:
     def __init__(
         self,
         packs: dict[str, Path],
-        resident: ResidentHashes,
+        resident: ResidentHashes | None,
         args: ModelArgs,
         device: torch.device,
         dtype: torch.dtype,

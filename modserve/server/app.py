@@ -1,0 +1,203 @@
+"""The FastAPI app: OpenAI endpoints, health, readiness, metrics, and their guards.
+
+The engine loads in the background after the socket opens, so `/health` answers
+during a long model load and `/ready` turns 200 only once requests can be served.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import time
+from collections.abc import Callable
+from contextlib import asynccontextmanager
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from modserve import __version__
+from modserve.config import ServeConfig
+from modserve.engine.base import Engine
+from modserve.router import Router
+from modserve.server.errors import ApiError
+from modserve.server.metrics import Metrics
+from modserve.server.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
+from modserve.server.serving import Serving
+
+log = logging.getLogger("modserve.server")
+ENDPOINTS = {"/v1/chat/completions": "chat", "/v1/completions": "completions"}
+
+
+def create_app(
+    config: ServeConfig,
+    engine: Engine,
+    router: Router,
+    on_start_failure: Callable[[BaseException], None] | None = None,
+) -> FastAPI:
+    metrics = Metrics(engine.languages)
+    serving = Serving(engine, router, metrics, config.server.log_prompts)
+    status = {"draining": False, "error": None}
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        engine.observer = metrics
+        metrics.watch(engine)
+        loading = asyncio.create_task(engine.start())
+        loading.add_done_callback(lambda task: started(task))
+        try:
+            yield
+        finally:
+            status["draining"] = True
+            if not loading.done():
+                loading.cancel()
+            await engine.shutdown()
+
+    def started(task: asyncio.Task) -> None:
+        if task.cancelled() or task.exception() is None:
+            if not task.cancelled():
+                log.info("ready: resident loaded, packs %s", ", ".join(engine.languages) or "none")
+            return
+        status["error"] = task.exception()
+        log.error("engine failed to start: %s", task.exception())
+        if on_start_failure is not None:
+            on_start_failure(task.exception())
+
+    app = FastAPI(title="modserve", version=__version__, lifespan=lifespan)
+    app.state.metrics, app.state.serving, app.state.status = metrics, serving, status
+    app.add_middleware(RequestAccounting, metrics=metrics)
+    app.add_middleware(BodyLimit, limit=int(config.server.max_request_bytes))
+
+    keys = [k.encode() for k in config.server.api_keys]
+
+    def authorize(request: Request) -> None:
+        if not keys:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not any(hmac.compare_digest(token.encode(), k) for k in keys):
+            raise ApiError(401, "missing or invalid API key (send Authorization: Bearer <key>)", None, "invalid_api_key")
+
+    def serving_ready() -> None:
+        if not engine.ready or status["draining"]:
+            raise ApiError(503, "modserve is not ready: the resident model is loading or the server is draining", None, "not_ready")
+
+    guarded = [Depends(authorize), Depends(serving_ready)]
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, err: ApiError):
+        return err.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, err: RequestValidationError):
+        first = err.errors()[0] if err.errors() else {"loc": (), "msg": "invalid request"}
+        loc = [str(p) for p in first["loc"] if p != "body"]
+        if first.get("type") == "json_invalid":
+            return ApiError(400, f"the body is not valid JSON: {first['msg']}", None, "invalid_json").response()
+        param = ".".join(loc) or None
+        return ApiError(400, f"{param or 'body'}: {first['msg']}", param, "invalid_value").response()
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, err: Exception):
+        log.exception("unhandled error on %s", request.url.path)
+        return ApiError(500, f"internal error: {type(err).__name__}", None, "internal_error").response()
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok"}
+
+    @app.get("/ready")
+    async def ready():
+        if status["error"] is not None:
+            raise ApiError(503, f"the engine failed to start: {status['error']}", None, "start_failed")
+        serving_ready()
+        return {"status": "ready", "languages": engine.languages}
+
+    @app.get("/metrics")
+    async def prometheus_metrics():
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models", dependencies=[Depends(authorize)])
+    async def models():
+        cards = [ModelCard(id=model_id, root=model_id) for model_id in serving.model_ids()]
+        return ModelList(data=cards).model_dump()
+
+    @app.post("/v1/chat/completions", dependencies=guarded)
+    async def chat_completions(body: ChatCompletionRequest, request: Request):
+        return await serving.chat(body, request)
+
+    @app.post("/v1/completions", dependencies=guarded)
+    async def completions(body: CompletionRequest, request: Request):
+        return await serving.completion(body, request)
+
+    return app
+
+
+class BodyLimit:
+    """413 for bodies over `server.max_request_bytes`, before any of it is parsed.
+
+    Reads the body (up to the limit) and replays it, so chunked uploads without a
+    Content-Length are bounded too.
+    """
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            return await self.too_large(scope, receive, send)
+        chunks, size, more = [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            more = message.get("more_body", False)
+            if size > self.limit:
+                return await self.too_large(scope, receive, send)
+        body, replayed = b"".join(chunks), False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+    async def too_large(self, scope, receive, send):
+        error = ApiError(413, f"request body exceeds server.max_request_bytes ({self.limit} bytes)", None, "request_too_large")
+        await error.response()(scope, receive, send)
+
+
+class RequestAccounting:
+    """Counts completion requests by endpoint, language and status, and times them to the last byte."""
+
+    def __init__(self, app, metrics: Metrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send):
+        endpoint = ENDPOINTS.get(scope.get("path", "")) if scope["type"] == "http" else None
+        if endpoint is None:
+            return await self.app(scope, receive, send)
+        start, status = time.perf_counter(), {"code": 500}
+        scope.setdefault("state", {})
+
+        async def watch(message):
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watch)
+        finally:
+            language = self.metrics.language(scope["state"].get("language", "none"))
+            self.metrics.requests.labels(endpoint, language, str(status["code"])).inc()
+            self.metrics.request_duration.labels(endpoint).observe(time.perf_counter() - start)
+
