@@ -15,14 +15,14 @@ from contextlib import asynccontextmanager
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from modserve import __version__
 from modserve.config import ServeConfig
-from modserve.engine.base import Engine
+from modserve.engine.base import Engine, EngineError
 from modserve.router import Router
-from modserve.server.errors import ApiError
+from modserve.server.errors import ApiError, from_engine_error
 from modserve.server.metrics import Metrics
 from modserve.server.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
 from modserve.server.serving import Serving
@@ -88,6 +88,11 @@ def create_app(
     @app.exception_handler(ApiError)
     async def api_error(request: Request, err: ApiError):
         return err.response()
+
+    @app.exception_handler(EngineError)
+    async def engine_error(request: Request, err: EngineError):
+        prompt_param = "messages" if request.url.path.endswith("chat/completions") else "prompt"
+        return from_engine_error(err, prompt_param).response()
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, err: RequestValidationError):
