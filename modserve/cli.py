@@ -157,3 +157,37 @@ def serve(
         if value is not None:
             flags.setdefault(section, {})[name] = value
     raise typer.Exit(run_server(load_serve_config(config, flags), log_level))
+
+
+# --- routing: detect -----------------------------------------------------------------------
+
+
+@app.command()
+def detect(
+    text: Annotated[str | None, typer.Argument(help="text to route")] = None,
+    file: Annotated[Path | None, typer.Option(help="route each line of this file instead")] = None,
+    packs: Annotated[str, typer.Option(help="comma-separated pack languages")] = "sw,te,bn,ja",
+    detector: Annotated[str, typer.Option(help="py3langid or langdetect")] = "py3langid",
+    candidates: Annotated[str, typer.Option(help="'all' or comma-separated language codes")] = "all",
+    min_confidence: Annotated[float, typer.Option(help="below this, the resident serves")] = 0.5,
+) -> None:
+    """Print the language the router picks for TEXT (or each line of --file) and its confidence."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from modserve.router import Router
+
+    if (text is None) == (file is None):
+        raise ModserveError("detect: give TEXT or --file PATH (one of them)")
+    try:
+        texts = [text] if text is not None else [t for t in file.read_text().splitlines() if t.strip()]
+    except OSError as err:
+        raise ModserveError(f"{file}: cannot read ({err.strerror})") from None
+    choice = "all" if candidates == "all" else [c.strip() for c in candidates.split(",") if c.strip()]
+    router = Router([p.strip() for p in packs.split(",") if p.strip()], detector, choice, min_confidence)
+    table = Table("routed", "detected", "confidence", "reason", "µs", "text")
+    for line in texts:
+        d = router.detect(line)
+        snippet = line if len(line) <= 60 else line[:57] + "..."
+        table.add_row(d.language, d.detected or "-", f"{d.confidence:.3f}", d.reason, f"{d.seconds * 1e6:.0f}", snippet)
+    Console().print(table)

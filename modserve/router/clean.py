@@ -11,7 +11,9 @@ import re
 # Order matters: code and LaTeX first, so numbers inside them are counted once.
 PATTERNS: list[tuple[str, re.Pattern[str]]] = [
     ("code", re.compile(r"```.*?(?:```|$)|`[^`\n]+`", re.S)),
-    ("latex", re.compile(r"\$\$.+?\$\$|\$[^$\n]+?\$|\\\(.+?\\\)|\\\[.+?\\\]", re.S)),
+    # Inline $...$ as pandoc reads it: no space inside either dollar, no digit after the
+    # closing one — so prices ("$2 ... $3") are not taken for math.
+    ("latex", re.compile(r"\$\$.+?\$\$|\$(?=\S)[^$\n]+?(?<=\S)\$(?!\d)|\\\(.+?\\\)|\\\[.+?\\\]", re.S)),
     ("url", re.compile(r"\bhttps?://\S+|\bwww\.\S+", re.I)),
     ("number", re.compile(r"[-+]?\d+(?:[.,:/]\d+)*%?")),
     ("symbol", re.compile(r"[=+\-*/×÷^<>±≤≥≈%$€£¥₹()\[\]{}|\\_#&@~]+")),

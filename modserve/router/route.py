@@ -81,7 +81,8 @@ class Router:
     def detect(self, text: str) -> RoutingDecision:
         start = time.perf_counter()
         cleaned, removed = strip_non_language(text)
-        code, confidence = self.detector.detect(cleaned) if cleaned else ("", 0.0)
+        has_letters = any(c.isalpha() for c in cleaned)  # "?" or "," alone say nothing
+        code, confidence = self.detector.detect(cleaned) if has_letters else ("", 0.0)
         seconds = time.perf_counter() - start
         if not code:
             return RoutingDecision(RESIDENT, None, 0.0, "empty", cleaned, removed, seconds)
