@@ -38,14 +38,14 @@ NonLayerOption = Annotated[
 ]
 
 
-def parse_experts(values: list[str] | None) -> dict[str, Path]:
+def parse_experts(values: list[str] | None, option: str = "--expert") -> dict[str, Path]:
     experts = {}
     for value in values or []:
         language, sep, path = value.partition("=")
         if not sep or not language or not path:
-            raise ModserveError(f"--expert: expected LANG=PATH, got {value!r}")
+            raise ModserveError(f"{option}: expected LANG=PATH, got {value!r}")
         if language in experts:
-            raise ModserveError(f"--expert: language {language!r} given twice")
+            raise ModserveError(f"{option}: language {language!r} given twice")
         experts[language] = Path(path)
     return experts
 
@@ -191,3 +191,47 @@ def detect(
         snippet = line if len(line) <= 60 else line[:57] + "..."
         table.add_row(d.language, d.detected or "-", f"{d.confidence:.3f}", d.reason, f"{d.seconds * 1e6:.0f}", snippet)
     Console().print(table)
+
+
+# --- bench ---------------------------------------------------------------------------------
+
+
+@app.command()
+def bench(
+    out: Annotated[Path | None, typer.Option(help="write bench.json, bench.md and bench.png here")] = None,
+    quick: Annotated[bool, typer.Option(help="tiny model, fewer requests: under 3 minutes on 2 cores")] = False,
+    mgsm: Annotated[Path | None, typer.Option(help="MGSM directory (mgsm_<lang>.tsv); default: built-in prompts")] = None,
+    languages: Annotated[str, typer.Option(help="language counts to run, e.g. 1,2,4,8")] = "1,2,4,8",
+    mix: Annotated[str, typer.Option(help="uniform or zipf")] = "uniform",
+    rate: Annotated[float | None, typer.Option(help="Poisson arrivals per second (default: closed loop)")] = None,
+    concurrency: Annotated[int, typer.Option(help="closed-loop concurrency, also the batch size")] = 16,
+    requests: Annotated[int, typer.Option(help="requests per scenario")] = 96,
+    output_len: Annotated[int, typer.Option(help="tokens generated per request")] = 32,
+    model: Annotated[str, typer.Option(help="synthetic model: tiny or small")] = "small",
+    resident: Annotated[Path | None, typer.Option(help="a real resident checkpoint instead")] = None,
+    pack: Annotated[list[str] | None, typer.Option(help="LANG=PATH pack for --resident (repeatable)")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda")] = "auto",
+    dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16, float16")] = "auto",
+    backend: Annotated[str, typer.Option(help="backends to compare, e.g. native,vllm")] = "native,vllm",
+) -> None:
+    """Throughput, latency and memory as languages grow, against the baselines."""
+    from modserve.bench.report import markdown, write
+    from modserve.bench.suite import BenchOptions, run_suite
+
+    if mix not in ("uniform", "zipf"):
+        raise ModserveError(f"--mix: {mix!r} is not uniform or zipf")
+    try:
+        counts = tuple(int(n) for n in languages.split(","))
+    except ValueError:
+        raise ModserveError(f"--languages: expected counts like 1,2,4,8, got {languages!r}") from None
+    options = BenchOptions(
+        out=out, quick=quick, mgsm=mgsm, language_counts=counts, mix=mix, rate=rate,
+        concurrency=concurrency, num_requests=requests, output_len=output_len, model=model,
+        resident=resident, packs=parse_experts(pack, "--pack"), device=device, dtype=dtype,
+        backends=tuple(b.strip() for b in backend.split(",") if b.strip()),
+    )
+    report = run_suite(options)
+    if out is not None:
+        for file in write(report, out):
+            typer.echo(f"wrote {file}", err=True)
+    typer.echo(markdown(report))

@@ -1,0 +1,86 @@
+"""bench.json, the Markdown table, and the plot (throughput and memory vs languages)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+LINES = {
+    ("mixed", "native"): ("modserve mixed (native)", "-o"),
+    ("mixed", "vllm"): ("modserve mixed (vLLM)", "-s"),
+    ("swap_per_request", "native"): ("swap per request", "--^"),
+    ("one_model_per_language", "native"): ("one model per language", ":D"),
+}
+
+
+def markdown(report: dict) -> str:
+    head = (
+        "| scenario | backend | langs | tok/s | req/s | TTFT p50 / p99 ms | ITL p50 / p99 ms "
+        "| pack loads | swaps | weights MB | peak MB |\n"
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n"
+    )
+    rows = [
+        f"| {s['scenario']} | {s['backend']} | {s['languages']} | {s['tokens_per_s']:.0f} | {s['requests_per_s']:.2f} "
+        f"| {s['ttft_p50_ms']:.0f} / {s['ttft_p99_ms']:.0f} | {s['itl_p50_ms']:.1f} / {s['itl_p99_ms']:.1f} "
+        f"| {s['pack_loads']} | {s['swaps']} | {s['weight_bytes'] / 2**20:.0f} | {s['peak_memory_bytes'] / 2**20:.0f} |"
+        for s in report["scenarios"]
+    ]
+    ratios = report["ratios"]
+    figures = [f"- {name}: {value:.3f}" for name, value in ratios.items() if isinstance(value, float)]
+    for name, figure in ratios.get("router", {}).items():
+        figures.append(f"- router {name}: p50 {figure['p50_us']:.0f} µs, p99 {figure['p99_us']:.0f} µs")
+    api = report["api"]
+    figures.append(
+        f"- API overhead (server vs direct engine, p50): {api['overhead_p50_ms']:.1f} ms "
+        f"({api['http_p50_ms']:.1f} vs {api['direct_p50_ms']:.1f} ms)"
+    )
+    machine = report["machine"]
+    where = f"{machine.get('gpu') or machine['cpu']}, {machine['cores']} threads, torch {machine['torch']}"
+    return head + "\n".join(rows) + "\n\n" + "\n".join(figures) + f"\n\nMachine: {where}; {report['seconds']:.0f} s.\n"
+
+
+def plot(report: dict, file: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (speed, memory) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for (scenario, backend), (label, style) in LINES.items():
+        points = sorted((s["languages"], s) for s in report["scenarios"] if (s["scenario"], s["backend"]) == (scenario, backend))
+        if not points:
+            continue
+        xs = [n for n, _ in points]
+        speed.plot(xs, [s["tokens_per_s"] for _, s in points], style, label=label)
+        memory.plot(xs, [s["weight_bytes"] / 2**20 for _, s in points], style, label=label)
+    for s in report["scenarios"]:
+        if s["scenario"] == "ceiling":
+            speed.axhline(s["tokens_per_s"], color="grey", linestyle="--", linewidth=1, label=f"ceiling ({s['backend']})")
+    speed.set(title="Output throughput", xlabel="languages in the traffic", ylabel="tokens / s")
+    memory.set(title="Weights held (resident + packs, or N models)", xlabel="languages in the traffic", ylabel="MiB")
+    for axis in (speed, memory):
+        axis.set_xscale("log", base=2)
+        axis.set_xticks([1, 2, 4, 8], labels=["1", "2", "4", "8"])
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=8)
+    fig.suptitle("modserve bench")
+    fig.tight_layout()
+    fig.savefig(file, dpi=120)
+    plt.close(fig)
+
+
+def write(report: dict, out: Path) -> list[Path]:
+    """bench.json, bench.md and bench.png in `out`, each written whole (temp file, then rename)."""
+    out.mkdir(parents=True, exist_ok=True)
+    files = {"bench.json": json.dumps(report, indent=2) + "\n", "bench.md": markdown(report)}
+    written = []
+    for name, text in files.items():
+        tmp = out / f".{name}.tmp"
+        tmp.write_text(text)
+        os.replace(tmp, out / name)
+        written.append(out / name)
+    tmp = out / ".bench.png.tmp.png"
+    plot(report, tmp)
+    os.replace(tmp, out / "bench.png")
+    return [*written, out / "bench.png"]

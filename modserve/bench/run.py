@@ -1,0 +1,409 @@
+"""Scenarios run side by side in one process, on the same model and the same requests.
+
+- ceiling: one merged checkpoint, single-language traffic — the best case;
+- mixed: the resident plus N packs, mixed-language traffic (native; vLLM when installed);
+- swap_per_request: the naive baseline — one pack slot, nothing kept in host memory, one
+  language at a time: every change of language reloads the swapped layers from disk;
+- one_model_per_language: N merged checkpoints side by side, each on its own engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import gc
+import statistics
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from modserve.bench.workloads import BenchRequest, Workload, make_requests
+from modserve.config import ServeConfig, load_serve_config
+from modserve.engine import create_engine
+from modserve.engine.base import RESIDENT, Engine, GenerationRequest, SamplingParams
+
+
+@dataclass
+class Timing:
+    language: str
+    ttft: float
+    gaps: list[float]
+    latency: float
+    output_tokens: int
+
+
+@dataclass
+class ScenarioResult:
+    scenario: str
+    backend: str
+    languages: int
+    mix: str
+    tokens_per_s: float
+    requests_per_s: float
+    ttft_p50_ms: float
+    ttft_p99_ms: float
+    itl_p50_ms: float
+    itl_p99_ms: float
+    pack_loads: int
+    swaps: int
+    peak_memory_bytes: int
+    weight_bytes: int  # resident + packs (or N full models), from the engines' own accounting
+    extra: dict = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+class Counting:
+    """An EngineObserver that counts pack loads, swaps and steps for the report."""
+
+    def __init__(self):
+        self.loads = self.swaps = self.failures = 0
+
+    def pack_loaded(self, language, source, seconds):
+        self.loads += 1
+
+    def pack_load_failed(self, language, reason):
+        self.failures += 1
+
+    def pack_swapped(self, language, seconds):
+        self.swaps += 1
+
+    def step(self, languages, batch_size):
+        pass
+
+
+class MemoryPeak:
+    """Peak memory above the level at entry: anonymous RSS on CPU, allocated bytes on CUDA.
+
+    Anonymous RSS leaves out memory-mapped checkpoint pages, which the kernel can drop.
+    """
+
+    def __init__(self, device: torch.device):
+        self.device, self.peak = device, 0
+        self._stop = threading.Event()
+
+    def __enter__(self) -> MemoryPeak:
+        release_freed_memory()
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.base = torch.cuda.memory_allocated(self.device)
+        else:
+            self.base = anonymous_rss()
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.005):
+            self.peak = max(self.peak, anonymous_rss() - self.base)
+
+    def __exit__(self, *_) -> None:
+        if self.device.type == "cuda":
+            self.peak = torch.cuda.max_memory_allocated(self.device) - self.base
+        else:
+            self._stop.set()
+            self._thread.join()
+            self.peak = max(self.peak, anonymous_rss() - self.base)
+
+
+def release_freed_memory() -> None:
+    """Collect garbage and hand freed heap back to the OS, so each scenario starts level."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def anonymous_rss() -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+
+
+@dataclass
+class Setup:
+    """What every scenario shares: paths, engine settings, the tokenizer's chat template."""
+
+    resident: Path
+    packs: dict[str, Path]
+    merged: dict[str, Path]  # language -> merged checkpoint (for ceiling and one-model-per-language)
+    device: str = "auto"
+    dtype: str = "auto"
+    max_batch_size: int = 16
+    max_model_len: int = 512
+    vllm_args: dict = field(default_factory=dict)
+
+    def config(self, resident: Path, packs: dict[str, Path], backend: str = "native", **engine) -> ServeConfig:
+        flags = {
+            "model": {"resident": str(resident), "device": self.device, "dtype": self.dtype},
+            "packs": {lang: str(p) for lang, p in packs.items()},
+            "engine": {
+                "backend": backend,
+                "max_batch_size": self.max_batch_size,
+                "max_model_len": self.max_model_len,
+                "vllm": self.vllm_args,
+                **engine,
+            },
+        }
+        return load_serve_config(None, flags, environ={})
+
+
+async def start(config: ServeConfig, observer: Counting) -> Engine:
+    engine = create_engine(config)
+    engine.observer = observer
+    await engine.start()
+    return engine
+
+
+def chat_ids(engine: Engine, question: str) -> list[int]:
+    encoded = engine.tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True)
+    return list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)
+
+
+async def timed(engine: Engine, request_id: str, prompt: list[int], language: str, output_len: int) -> Timing:
+    params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
+    start = last = time.perf_counter()
+    ttft, gaps, tokens = 0.0, [], 0
+    async for out in engine.generate(GenerationRequest(request_id, prompt, params, language)):
+        now = time.perf_counter()
+        new = sum(len(c.token_ids) for c in out.choices)
+        if not new:
+            continue
+        if tokens == 0:
+            ttft = now - start
+        else:
+            gaps.append((now - last) / new)
+        tokens, last = tokens + new, now
+    return Timing(language, ttft, gaps, time.perf_counter() - start, tokens)
+
+
+async def drive(
+    engines: dict[str, Engine], requests: list[BenchRequest], workload: Workload, target
+) -> tuple[list[Timing], float]:
+    """Send the requests (closed loop or Poisson arrivals); `target(lang)` -> (engine key, language)."""
+    gate = asyncio.Semaphore(workload.concurrency if workload.rate is None else 1 << 30)
+    begin = time.perf_counter()
+
+    async def one(k: int, request: BenchRequest) -> Timing:
+        key, language = target(request.language)
+        engine = engines[key]
+        prompt = chat_ids(engine, request.question)
+        delay = request.arrival - (time.perf_counter() - begin)
+        if delay > 0:
+            await asyncio.sleep(delay)
+        async with gate:
+            return await timed(engine, f"bench-{k}", prompt, language, workload.output_len)
+
+    timings = await asyncio.gather(*(one(k, r) for k, r in enumerate(requests)))
+    return list(timings), time.perf_counter() - begin
+
+
+async def drive_one_language_at_a_time(
+    engine: Engine, requests: list[BenchRequest], workload: Workload
+) -> tuple[list[Timing], float]:
+    """The naive server: runs of same-language requests, each run drained before the next starts."""
+    runs: list[list[BenchRequest]] = []
+    for request in requests:
+        if runs and runs[-1][0].language == request.language:
+            runs[-1].append(request)
+        else:
+            runs.append([request])
+    timings, begin = [], time.perf_counter()
+    for run in runs:
+        done, _ = await drive({"e": engine}, run, workload, lambda lang: ("e", lang))
+        timings += done
+    return timings, time.perf_counter() - begin
+
+
+def summarize(
+    scenario: str, backend: str, workload: Workload, timings: list[Timing], seconds: float,
+    observer: Counting, memory: MemoryPeak, weight_bytes: int,
+) -> ScenarioResult:
+    gaps = [g for t in timings for g in t.gaps]
+    tokens = sum(t.output_tokens for t in timings)
+    return ScenarioResult(
+        scenario=scenario,
+        backend=backend,
+        languages=len(workload.languages),
+        mix=workload.mix,
+        tokens_per_s=tokens / seconds,
+        requests_per_s=len(timings) / seconds,
+        ttft_p50_ms=1e3 * percentile([t.ttft for t in timings], 0.5),
+        ttft_p99_ms=1e3 * percentile([t.ttft for t in timings], 0.99),
+        itl_p50_ms=1e3 * percentile(gaps, 0.5),
+        itl_p99_ms=1e3 * percentile(gaps, 0.99),
+        pack_loads=observer.loads,
+        swaps=observer.swaps,
+        peak_memory_bytes=memory.peak,
+        weight_bytes=weight_bytes,
+    )
+
+
+def engine_bytes(engine: Engine) -> int:
+    stats = engine.stats()
+    return stats.resident_bytes + stats.pack_bytes_by_tier.get("device", 0)
+
+
+async def warm(engines: dict[str, Engine], setup_languages: list[tuple[str, str]]) -> None:
+    """One short request per (engine, language): loads packs, runs allocator warm-up."""
+    for key, language in setup_languages:
+        engine = engines[key]
+        await timed(engine, f"warm-{key}-{language}", chat_ids(engine, "warm up"), language, 2)
+
+
+async def ceiling(setup: Setup, workload: Workload, prompts, backend: str = "native") -> ScenarioResult:
+    language = workload.languages[0]
+    observer = Counting()
+    with MemoryPeak(torch.device(resolve(setup.device))) as memory:
+        engine = await start(setup.config(setup.merged[language], {}, backend), observer)
+        try:
+            await warm({"e": engine}, [("e", RESIDENT)])
+            single = Workload(**{**asdict(workload), "languages": (language,)})
+            timings, seconds = await drive({"e": engine}, make_requests(single, prompts), single, lambda _: ("e", RESIDENT))
+            weights = engine_bytes(engine)
+        finally:
+            await engine.shutdown()
+    return summarize("ceiling", backend, single, timings, seconds, observer, memory, weights)
+
+
+async def mixed(setup: Setup, workload: Workload, prompts, backend: str = "native") -> ScenarioResult:
+    packs = {lang: setup.packs[lang] for lang in workload.languages}
+    observer = Counting()
+    with MemoryPeak(torch.device(resolve(setup.device))) as memory:
+        engine = await start(setup.config(setup.resident, packs, backend), observer)
+        try:
+            await warm({"e": engine}, [("e", lang) for lang in workload.languages])
+            timings, seconds = await drive({"e": engine}, make_requests(workload, prompts), workload, lambda lang: ("e", lang))
+            weights = engine_bytes(engine) if backend == "native" else packs_bytes(engine)
+        finally:
+            await engine.shutdown()
+    return summarize("mixed", backend, workload, timings, seconds, observer, memory, weights)
+
+
+def packs_bytes(engine: Engine) -> int:
+    stats = engine.stats()
+    return stats.resident_bytes + sum(stats.pack_bytes_by_tier.values())
+
+
+async def swap_per_request(setup: Setup, workload: Workload, prompts) -> ScenarioResult:
+    packs = {lang: setup.packs[lang] for lang in workload.languages}
+    one_pack = max(p.joinpath("blocks.safetensors").stat().st_size for p in packs.values())
+    observer = Counting()
+    with MemoryPeak(torch.device(resolve(setup.device))) as memory:
+        config = setup.config(setup.resident, packs, pack_memory=int(one_pack * 1.2), host_pack_memory=0)
+        engine = await start(config, observer)
+        try:
+            await warm({"e": engine}, [("e", workload.languages[0])])
+            observer.loads = 0
+            timings, seconds = await drive_one_language_at_a_time(engine, make_requests(workload, prompts), workload)
+            weights = engine_bytes(engine)
+        finally:
+            await engine.shutdown()
+    result = summarize("swap_per_request", "native", workload, timings, seconds, observer, memory, weights)
+    result.swaps = observer.loads  # every reload is a swap of the outer layers
+    return result
+
+
+async def one_model_per_language(setup: Setup, workload: Workload, prompts) -> ScenarioResult:
+    observer = Counting()
+    engines: dict[str, Engine] = {}
+    with MemoryPeak(torch.device(resolve(setup.device))) as memory:
+        try:
+            for lang in workload.languages:
+                engines[lang] = await start(setup.config(setup.merged[lang], {}), observer)
+            await warm(engines, [(lang, RESIDENT) for lang in workload.languages])
+            timings, seconds = await drive(engines, make_requests(workload, prompts), workload, lambda lang: (lang, RESIDENT))
+            weights = sum(engine_bytes(e) for e in engines.values())
+        finally:
+            for engine in engines.values():
+                await engine.shutdown()
+    return summarize("one_model_per_language", "native", workload, timings, seconds, observer, memory, weights)
+
+
+def resolve(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+# --- router and API overhead -------------------------------------------------------------
+
+
+def router_latency(texts: list[str], detectors: tuple[str, ...] = ("py3langid", "langdetect")) -> dict:
+    """Per-call latency of each detector backend over the prompts (cleaning included)."""
+    from modserve.router import Router
+
+    out = {}
+    for name in detectors:
+        router = Router(["sw"], detector=name)
+        router.route_prompt(texts[0])
+        seconds = [router.route_prompt(t).seconds for t in texts for _ in range(max(1, 200 // len(texts)))]
+        out[name] = {"p50_us": 1e6 * statistics.median(seconds), "p99_us": 1e6 * percentile(seconds, 0.99), "calls": len(seconds)}
+    return out
+
+
+async def api_overhead(setup: Setup, question: str, repeats: int = 30) -> dict:
+    """p50 latency of the same short request through the HTTP server and directly on the engine."""
+    import httpx
+
+    from modserve.server.app import create_app
+    from modserve.server.main import build_router
+
+    config = setup.config(setup.resident, setup.packs)
+    engine = create_engine(config)
+    app = create_app(config, engine, build_router(config))
+    body = {"model": "modserve:" + next(iter(setup.packs)), "messages": [{"role": "user", "content": question}],
+            "max_tokens": 4, "temperature": 0, "ignore_eos": True}
+    async with app.router.lifespan_context(app):
+        while not engine.ready:
+            await asyncio.sleep(0.01)
+        transport = httpx.AsyncHTTPTransport()
+        server, port = await serve_in_background(app)
+        try:
+            async with httpx.AsyncClient(transport=transport, base_url=f"http://127.0.0.1:{port}") as http:
+                http_times, direct_times = [], []
+                language = body["model"].split(":")[1]
+                prompt = chat_ids(engine, question)
+                for k in range(repeats + 3):
+                    t = time.perf_counter()
+                    response = await http.post("/v1/chat/completions", json=body)
+                    response.raise_for_status()
+                    http_times.append(time.perf_counter() - t)
+                    direct_times.append((await timed(engine, f"api-{k}", prompt, language, 4)).latency)
+        finally:
+            server.should_exit = True
+            with contextlib.suppress(asyncio.CancelledError):
+                await server.task
+    http_p50, direct_p50 = statistics.median(http_times[3:]), statistics.median(direct_times[3:])
+    return {"http_p50_ms": 1e3 * http_p50, "direct_p50_ms": 1e3 * direct_p50, "overhead_p50_ms": 1e3 * (http_p50 - direct_p50)}
+
+
+async def serve_in_background(app):
+    """uvicorn on a free loopback port inside this event loop (lifespan already running)."""
+    import socket
+
+    import uvicorn
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error", lifespan="off"))
+    server.task = asyncio.create_task(server.serve())
+    while not server.started:
+        await asyncio.sleep(0.01)
+    return server, port

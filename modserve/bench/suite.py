@@ -1,0 +1,178 @@
+"""`modserve bench`: prepare the models, run every scenario per language count, collect figures."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import platform
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from rich.console import Console
+
+from modserve import __version__
+from modserve.bench import run
+from modserve.bench.workloads import BENCH_LANGUAGES, Workload, load_prompts
+from modserve.errors import ModserveError
+from modserve.packs.build import BuildJob, build_packs
+from modserve.packs.format import read_manifest
+from modserve.packs.merge import merge_pack
+from modserve.packs.plan import Plan
+from modserve.synthetic import TinySpec, build_family
+
+# Synthetic models: the paper's proportions (5 bottom, 2 top, 1 transition of 32 layers).
+SPECS = {
+    "tiny": TinySpec(num_layers=12, hidden_size=256, num_heads=4, num_kv_heads=2, intermediate_size=704, seed=11),
+    "small": TinySpec(num_layers=24, hidden_size=768, num_heads=12, num_kv_heads=4, intermediate_size=2048, seed=11),
+}
+PLANS = {"tiny": Plan(bottom=2, top=1, transition=1), "small": Plan(bottom=4, top=2, transition=1)}
+
+
+@dataclass
+class BenchOptions:
+    out: Path | None = None
+    quick: bool = False
+    mgsm: Path | None = None
+    language_counts: tuple[int, ...] = (1, 2, 4, 8)
+    mix: str = "uniform"
+    rate: float | None = None
+    concurrency: int = 16
+    num_requests: int = 96
+    output_len: int = 32
+    model: str = "small"
+    resident: Path | None = None
+    packs: dict[str, Path] = field(default_factory=dict)
+    device: str = "auto"
+    dtype: str = "auto"
+    backends: tuple[str, ...] = ("native", "vllm")
+    vllm_args: dict = field(default_factory=dict)
+    workdir: Path | None = None
+
+    def __post_init__(self):
+        if self.quick:
+            self.model, self.num_requests, self.output_len = "tiny", 48, 24
+        if self.model not in SPECS and self.resident is None:
+            raise ModserveError(f"--model: {self.model!r} is not one of {', '.join(SPECS)}")
+
+
+def prepare(options: BenchOptions, workdir: Path) -> tuple[run.Setup, dict]:
+    """Resident, packs and one merged checkpoint per language (the ceiling and the N-models baseline)."""
+    if options.resident is not None:
+        resident, packs = options.resident, dict(options.packs)
+        if not packs:
+            raise ModserveError("--pack: give at least one LANG=PATH with --resident")
+        model = {"resident": str(resident), "languages": sorted(packs)}
+    else:
+        spec, plan = SPECS[options.model], PLANS[options.model]
+        languages = BENCH_LANGUAGES[: max(options.language_counts)]
+        family = build_family(workdir / "experts", spec, languages)
+        jobs = [BuildJob(lang, path, plan) for lang, path in family.languages.items()]
+        packs = {p.name.removesuffix(".pack"): p for p in build_packs(family.math, jobs, workdir / "packs", progress=False)}
+        resident = family.math
+        model = {"synthetic": options.model, "spec": spec.__dict__, "plan": plan.to_dict()}
+    merged = {lang: merge_pack(resident, pack, workdir / "merged" / lang, progress=False) for lang, pack in packs.items()}
+    manifest = read_manifest(next(iter(packs.values())))
+    model["swapped_layers"] = manifest.layers
+    model["num_layers"] = manifest.num_layers
+    setup = run.Setup(
+        resident=Path(resident), packs=packs, merged=merged, device=options.device, dtype=options.dtype,
+        max_batch_size=options.concurrency, vllm_args=options.vllm_args,
+        max_model_len=1024 if options.mgsm else 512,
+    )
+    return setup, model
+
+
+def available_backends(options: BenchOptions) -> list[str]:
+    return [b for b in options.backends if b != "vllm" or importlib.util.find_spec("vllm") is not None]
+
+
+def run_suite(options: BenchOptions, console: Console | None = None) -> dict:
+    console = console or Console(stderr=True)
+    with tempfile.TemporaryDirectory(prefix="modserve-bench-", dir=options.workdir) as scratch:
+        started = time.perf_counter()
+        console.log("preparing models, packs and merged checkpoints")
+        setup, model = prepare(options, Path(scratch))
+        languages = tuple(lang for lang in BENCH_LANGUAGES if lang in setup.packs) or tuple(sorted(setup.packs))
+        counts = [n for n in options.language_counts if n <= len(languages)]
+        prompts = load_prompts(options.mgsm, languages)
+        results: list[run.ScenarioResult] = []
+
+        def workload(n: int) -> Workload:
+            return Workload(languages[:n], options.num_requests, options.output_len, options.mix,
+                            options.rate, options.concurrency)
+
+        async def everything() -> None:
+            console.log("warm-up (discarded): first-use costs would otherwise land on the first scenario")
+            await run.mixed(setup, workload(min(2, len(languages))), prompts)
+            for backend in available_backends(options):
+                console.log(f"{backend}: ceiling")
+                results.append(await run.ceiling(setup, workload(1), prompts, backend))
+                for n in counts:
+                    console.log(f"{backend}: mixed, {n} language(s)")
+                    results.append(await run.mixed(setup, workload(n), prompts, backend))
+            for n in counts:
+                console.log(f"native: swap per request, {n} language(s)")
+                results.append(await run.swap_per_request(setup, workload(n), prompts))
+                console.log(f"native: one model per language, {n}")
+                results.append(await run.one_model_per_language(setup, workload(n), prompts))
+
+        asyncio.run(everything())
+        console.log("router latency and API overhead")
+        texts = [q for lang in languages for q in prompts[lang]]
+        router = run.router_latency(texts)
+        api = asyncio.run(run.api_overhead(setup, prompts[languages[0]][0]))
+        report = {
+            "modserve_version": __version__,
+            "machine": machine(),
+            "model": model,
+            "workload": {
+                "requests": options.num_requests, "output_len": options.output_len, "mix": options.mix,
+                "rate": options.rate, "concurrency": options.concurrency,
+                "prompts": str(options.mgsm) if options.mgsm else "built-in", "language_counts": counts,
+            },
+            "scenarios": [r.to_json() for r in results],
+            "router": router,
+            "api": api,
+            "seconds": time.perf_counter() - started,
+        }
+        report["ratios"] = ratios(results, router, model)
+        return report
+
+
+def find(results: list[run.ScenarioResult], scenario: str, backend: str, languages: int) -> run.ScenarioResult | None:
+    for r in results:
+        if (r.scenario, r.backend) == (scenario, backend) and (scenario == "ceiling" or r.languages == languages):
+            return r
+    return None
+
+
+def ratios(results: list[run.ScenarioResult], router: dict, model: dict) -> dict:
+    """The figures to compare across runs, each measured within this one run."""
+    out: dict = {}
+    for backend in ("native", "vllm"):
+        ceiling, mixed4 = find(results, "ceiling", backend, 1), find(results, "mixed", backend, 4)
+        if ceiling and mixed4:
+            out[f"{backend}_mixed4_vs_ceiling"] = mixed4.tokens_per_s / ceiling.tokens_per_s
+    mixed4 = find(results, "mixed", "native", 4)
+    models4, swap4 = find(results, "one_model_per_language", "native", 4), find(results, "swap_per_request", "native", 4)
+    if mixed4 and models4:
+        out["memory_4packs_vs_4models"] = mixed4.weight_bytes / models4.weight_bytes
+        out["peak_memory_4packs_vs_4models"] = mixed4.peak_memory_bytes / max(1, models4.peak_memory_bytes)
+    if mixed4 and swap4:
+        out["native_mixed4_vs_swap_per_request4"] = mixed4.tokens_per_s / swap4.tokens_per_s
+    swapped, layers = len(model["swapped_layers"]), model["num_layers"]
+    # Memory-bound decode reads each present language's swapped layers once per step.
+    out["weight_read_bound_mixed4"] = layers / (layers - swapped + 4 * swapped)
+    out["router"] = {name: {"p50_us": r["p50_us"], "p99_us": r["p99_us"]} for name, r in router.items()}
+    return out
+
+
+def machine() -> dict:
+    info = {"python": platform.python_version(), "torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
+            "cores": torch.get_num_threads()}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
