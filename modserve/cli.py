@@ -235,3 +235,41 @@ def bench(
         for file in write(report, out):
             typer.echo(f"wrote {file}", err=True)
     typer.echo(markdown(report))
+
+
+@app.command()
+def analyze(
+    base: Annotated[Path, typer.Option(help="the base model both experts were fine-tuned from")],
+    expert: Annotated[list[str], typer.Option(help="NAME=PATH or PATH of an expert (repeatable)")],
+    out: Annotated[Path | None, typer.Option(help="write analysis.csv, analysis.json, heatmap.png here")] = None,
+    math: Annotated[str | None, typer.Option(help="which expert is the math expert (default: 'math' or the first)")] = None,
+    quiet: Annotated[bool, typer.Option(help="no progress bars")] = False,
+) -> None:
+    """Per-layer relative change of each expert from the base, and the bottom/top to swap."""
+    from rich.console import Console
+
+    from modserve.packs.analyze import analyze as run_analysis
+    from modserve.packs.analyze import table, write_outputs
+
+    experts: dict[str, Path] = {}
+    for value in expert:
+        name, sep, path = value.rpartition("=") if "=" in value else ("", "", value)
+        name = name or Path(path).name
+        if name in experts:
+            raise ModserveError(f"--expert: name {name!r} given twice (use NAME=PATH)")
+        experts[name] = Path(path)
+    analysis = run_analysis(base, experts, progress=not quiet)
+    suggestions = analysis.suggestions(math)
+    console = Console()
+    console.print(table(analysis))
+    if not suggestions:
+        console.print("one expert only: give the math expert and a language expert for a bottom/top suggestion")
+    for s in suggestions:
+        console.print(
+            f"{s['language']}: moved more than {s['math']} in the bottom {s['bottom']} and top {s['top']} layers\n"
+            f"  modserve build --resident {experts[s['math']]} --expert {s['language']}={experts[s['language']]} "
+            f"--bottom {s['bottom']} --top {s['top']} --out packs/"
+        )
+    if out is not None:
+        for file in write_outputs(analysis, out, math):
+            typer.echo(f"wrote {file}", err=True)

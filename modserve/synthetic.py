@@ -177,12 +177,16 @@ def base_weights(spec: TinySpec) -> dict[str, torch.Tensor]:
 def fine_tune(
     base: dict[str, torch.Tensor], moved_layers: set[int], seed: int, strong: float, weak: float
 ) -> dict[str, torch.Tensor]:
-    """base + noise whose relative size is `strong` in `moved_layers` and `weak` elsewhere."""
+    """base + noise whose relative size is about `strong` in `moved_layers` and `weak` elsewhere.
+
+    Each tensor's size is jittered by ±40%, as real fine-tunes move modules unevenly.
+    """
     gen = torch.Generator().manual_seed(seed)
     tuned = {}
     for name, tensor in base.items():
         layer = layer_index(name)
         scale = strong if layer is not None and layer in moved_layers else weak
+        scale *= 0.6 + 0.8 * float(torch.rand((), generator=gen))
         noise = torch.randn(tensor.shape, generator=gen)
         tuned[name] = tensor + scale * noise * tensor.norm() / noise.norm()
     return tuned

@@ -22,3 +22,16 @@ def hf_greedy(path: Path, prompt_ids: list[int], max_new_tokens: int) -> list[in
             torch.tensor([prompt_ids]), max_new_tokens=max_new_tokens, do_sample=False
         )
     return out[0, len(prompt_ids) :].tolist()
+
+
+def stop_string_in(text: str) -> tuple[str, int]:
+    """A two-character stop string first found past the start of `text`, and where it is.
+
+    Random-weight models emit arbitrary bytes: skip replacement characters, which
+    stand for bytes rather than text.
+    """
+    for k in range(1, len(text) - 1):
+        candidate = text[k : k + 2]
+        if "\ufffd" not in candidate and text.find(candidate) == k:
+            return candidate, k
+    raise AssertionError(f"no usable stop string in {text!r}")

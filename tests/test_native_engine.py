@@ -19,7 +19,7 @@ from modserve.engine.native.engine import NativeEngine, NativeEngineConfig
 from modserve.packs.build import BuildJob, build_packs
 from modserve.packs.merge import merge_pack
 from modserve.packs.plan import Plan
-from tests.oracle import hf_greedy
+from tests.oracle import hf_greedy, stop_string_in
 
 LANGUAGES = ["sw", "te", "bn", "ja", "resident"]
 GREEDY = SamplingParams(max_tokens=20, temperature=0.0)
@@ -213,16 +213,19 @@ async def test_seeded_sampling_is_reproducible_and_choices_differ(engine):
 
 async def test_max_tokens_stop_strings_and_stop_ids_end_generation(engine):
     prompt = chat_ids(engine, "stops")
-    free = await collect(engine, GenerationRequest("free", prompt, SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)))
-    assert len(free["tokens"][0]) == 12 and free["reasons"][0] == "length"
-    text = free["text"][0]
-    stop = text[3:5]
-    assert stop and text.find(stop) == 3
-    cut = await collect(engine, GenerationRequest("cut", prompt, SamplingParams(max_tokens=12, temperature=0.0, stop=(stop,), ignore_eos=True)))
-    assert cut["text"][0] == text[:3] and cut["reasons"][0] == "stop"
-    token = free["tokens"][0][4]
-    by_id = await collect(engine, GenerationRequest("id", prompt, SamplingParams(max_tokens=12, temperature=0.0, stop_token_ids=(token,), ignore_eos=True)))
-    assert by_id["tokens"][0] == free["tokens"][0][: free["tokens"][0].index(token) + 1]
+
+    def params(**extra) -> SamplingParams:
+        return SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True, **extra)
+
+    free = await collect(engine, GenerationRequest("free", prompt, params()))
+    tokens, text = free["tokens"][0], free["text"][0]
+    assert len(tokens) == 40 and free["reasons"][0] == "length"
+    stop, at = stop_string_in(text)
+    cut = await collect(engine, GenerationRequest("cut", prompt, params(stop=(stop,))))
+    assert cut["text"][0] == text[:at] and cut["reasons"][0] == "stop"
+    token = tokens[4]
+    by_id = await collect(engine, GenerationRequest("id", prompt, params(stop_token_ids=(token,))))
+    assert by_id["tokens"][0] == tokens[: tokens.index(token) + 1]
     assert by_id["reasons"][0] == "stop"
 
 

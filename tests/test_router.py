@@ -76,9 +76,8 @@ def test_detection_is_the_same_in_another_process(mgsm, detector):
     texts = [mgsm[lang][i] for lang in LANGUAGES for i in (0, 7)] + ["Habari", "2 + 2 = ?"]
     here = [[d.detected, round(d.confidence, 6)] for d in map(Router(PACKS, detector=detector).detect, texts)]
     script = (
-        "import json, sys; from modserve.router import Router; r = Router(%r, detector=%r); "
+        f"import json, sys; from modserve.router import Router; r = Router({PACKS!r}, detector={detector!r}); "
         "print(json.dumps([[d.detected, round(d.confidence, 6)] for d in map(r.detect, json.load(sys.stdin))]))"
-        % (PACKS, detector)
     )
     for _ in range(2):
         out = subprocess.run([sys.executable, "-c", script], input=json.dumps(texts), capture_output=True, text=True, check=True)

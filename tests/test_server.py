@@ -18,7 +18,7 @@ from openai.types.chat import ChatCompletion as OpenAIChatCompletion
 from openai.types.chat import ChatCompletionChunk as OpenAIChatCompletionChunk
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.oracle import hf_greedy
+from tests.oracle import hf_greedy, stop_string_in
 from tests.serving import demo_config, free_port, running_server
 
 SWAHILI = "Bata wa Janet hutaga mayai 16 kila siku. Huwa anauza yaliyosalia sokoni. Anapata dola ngapi?"
@@ -150,10 +150,10 @@ def test_sampling_with_a_seed_is_reproducible_and_stop_cuts_the_text(client):
     greedy = client.chat.completions.create(model="modserve:ja", messages=[{"role": "user", "content": "x"}],
                                             max_tokens=12, temperature=0, extra_body={"ignore_eos": True})
     text = greedy.choices[0].message.content
-    stop = text[4:6]
+    stop, at = stop_string_in(text)
     cut = client.chat.completions.create(model="modserve:ja", messages=[{"role": "user", "content": "x"}],
                                          max_tokens=12, temperature=0, stop=[stop], extra_body={"ignore_eos": True})
-    assert cut.choices[0].message.content == text[: text.find(stop)]
+    assert cut.choices[0].message.content == text[:at]
     assert cut.choices[0].finish_reason == "stop"
 
 

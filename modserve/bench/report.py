@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
+
+from modserve.files import write_atomic, write_text_atomic
 
 LINES = {
     ("mixed", "native"): ("modserve mixed (native)", "-o"),
@@ -71,16 +72,9 @@ def plot(report: dict, file: Path) -> None:
 
 
 def write(report: dict, out: Path) -> list[Path]:
-    """bench.json, bench.md and bench.png in `out`, each written whole (temp file, then rename)."""
-    out.mkdir(parents=True, exist_ok=True)
-    files = {"bench.json": json.dumps(report, indent=2) + "\n", "bench.md": markdown(report)}
-    written = []
-    for name, text in files.items():
-        tmp = out / f".{name}.tmp"
-        tmp.write_text(text)
-        os.replace(tmp, out / name)
-        written.append(out / name)
-    tmp = out / ".bench.png.tmp.png"
-    plot(report, tmp)
-    os.replace(tmp, out / "bench.png")
-    return [*written, out / "bench.png"]
+    """bench.json, bench.md and bench.png in `out`, each written whole."""
+    return [
+        write_text_atomic(out / "bench.json", json.dumps(report, indent=2) + "\n"),
+        write_text_atomic(out / "bench.md", markdown(report)),
+        write_atomic(out / "bench.png", lambda tmp: plot(report, tmp)),
+    ]
