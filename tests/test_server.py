@@ -148,11 +148,11 @@ def test_sampling_with_a_seed_is_reproducible_and_stop_cuts_the_text(client):
     first, second = client.chat.completions.create(**kwargs), client.chat.completions.create(**kwargs)
     assert [c.message.content for c in first.choices] == [c.message.content for c in second.choices]
     greedy = client.chat.completions.create(model="modserve:ja", messages=[{"role": "user", "content": "x"}],
-                                            max_tokens=12, temperature=0, extra_body={"ignore_eos": True})
+                                            max_tokens=40, temperature=0, extra_body={"ignore_eos": True})
     text = greedy.choices[0].message.content
     stop, at = stop_string_in(text)
     cut = client.chat.completions.create(model="modserve:ja", messages=[{"role": "user", "content": "x"}],
-                                         max_tokens=12, temperature=0, stop=[stop], extra_body={"ignore_eos": True})
+                                         max_tokens=40, temperature=0, stop=[stop], extra_body={"ignore_eos": True})
     assert cut.choices[0].message.content == text[:at]
     assert cut.choices[0].finish_reason == "stop"
 
