@@ -23,7 +23,6 @@ from modserve.engine.base import (
     OutputStream,
     RequestOutput,
 )
-from modserve.errors import ModserveError
 from modserve.router import Router, RoutingDecision, UnknownLanguageError
 from modserve.server.errors import ApiError, from_engine_error
 from modserve.server.metrics import Metrics
@@ -117,7 +116,6 @@ class Serving:
         arrival = time.perf_counter()
         body.refuse_unsupported()
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-        request.state.endpoint = "chat"
         decision = self.route(body, None, messages)
         request.state.language = decision.language
         prompt = self.chat_prompt(messages)
@@ -138,7 +136,6 @@ class Serving:
     async def completion(self, body: CompletionRequest, request: Request):
         arrival = time.perf_counter()
         body.refuse_unsupported()
-        request.state.endpoint = "completions"
         request_id = f"cmpl-{uuid.uuid4().hex}"
         streams, decisions, lengths, echoes = [], [], [], []
         try:
@@ -197,8 +194,6 @@ class Serving:
             return self.engine.generate(GenerationRequest(request_id, prompt, params, decision.language))
         except EngineError as err:
             raise from_engine_error(err, prompt_param) from None
-        except ModserveError as err:
-            raise ApiError(400, str(err), prompt_param) from None
 
     # --- consuming engine output ---------------------------------------------------------
 
