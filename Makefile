@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 TORCH  ?= torch==2.13.0
 ARGS   ?=
 
-.PHONY: serve test lint setup setup-dev clean
+.PHONY: serve test lint setup setup-dev tools clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -29,14 +29,22 @@ $(VENV)/.setup-dev: pyproject.toml $(VENV)/.setup
 setup: $(VENV)/.setup
 setup-dev: $(VENV)/.setup-dev
 
+# promtool for the deployment tests, unpacked from Debian's prometheus package (nothing is
+# installed system-wide). Best effort: where apt is missing, those tests skip and say why.
+tools: .tools/bin/promtool
+.tools/bin/promtool:
+	-rm -rf .tools/deb && mkdir -p .tools/deb .tools/bin \
+	  && cd .tools/deb && apt-get download prometheus \
+	  && dpkg -x prometheus_*.deb root && cp root/usr/bin/promtool ../bin/ && cd .. && rm -rf deb
+
 serve: $(VENV)/.setup
 	$(BIN)/modserve serve $(ARGS)
 
-test: $(VENV)/.setup-dev
+test: $(VENV)/.setup-dev tools
 	$(BIN)/python -m pytest $(ARGS)
 
 lint: $(VENV)/.setup-dev
 	$(BIN)/ruff check modserve tests
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) .tools .pytest_cache
