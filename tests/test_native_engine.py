@@ -8,6 +8,7 @@ import shutil
 import pytest
 
 from modserve.engine.base import (
+    EngineError,
     GenerationRequest,
     InvalidRequestError,
     PackUnavailableError,
@@ -249,5 +250,27 @@ async def test_full_queue_and_oversized_prompts_are_refused(demo):
         with pytest.raises(InvalidRequestError, match="token ids"):
             engine.generate(GenerationRequest("ids", [10**6], GREEDY))
         assert len(await greedy(engine, "after", "sw", prompt, 4)) == 4  # nothing leaked, still serving
+    finally:
+        await engine.shutdown()
+
+
+async def test_a_failing_step_fails_its_batch_and_the_engine_keeps_serving(demo, merged, monkeypatch):
+    engine = await started(demo.resident, demo.packs)
+    try:
+        prompt = chat_ids(engine, "boom")
+        real_decode = engine._model.decode
+        calls = {"n": 0}
+
+        def flaky_decode(*args, **kwargs):
+            calls["n"] += 1
+            if calls["n"] == 2:
+                raise RuntimeError("CUDA out of memory (simulated)")
+            return real_decode(*args, **kwargs)
+
+        monkeypatch.setattr(engine._model, "decode", flaky_decode)
+        with pytest.raises(EngineError, match="out of memory"):
+            await greedy(engine, "unlucky", "sw", prompt, 8)
+        assert engine.stats().running == 0 and engine.pool._pins.get("sw", 0) == 0
+        assert await greedy(engine, "next", "sw", prompt, 8) == hf_greedy(merged["sw"], prompt, 8)
     finally:
         await engine.shutdown()

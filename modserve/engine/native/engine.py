@@ -229,10 +229,23 @@ class NativeEngine(Engine):
         with torch.inference_mode():
             while not self._stopping:
                 self._drain_inbox()
-                worked = self._step()
+                try:
+                    worked = self._step()
+                except Exception as err:  # e.g. out of memory: fail the batch, keep serving
+                    log.exception("model step failed")
+                    self._fail_batch(EngineError(f"generation failed: {type(err).__name__}: {err}"))
+                    worked = True
                 if not worked:
                     self._wakeup.wait(timeout=0.5)
                     self._wakeup.clear()
+
+    def _fail_batch(self, err: EngineError) -> None:
+        """Every request with a sequence in the batch fails; its cache slots and packs are freed."""
+        ids = {seq.request.request_id for seq in self.scheduler.running}
+        for request_id in ids:
+            state = self._requests.get(request_id)
+            if state is not None and not state.done:
+                self._fail_request(state, err)
 
     def _drain_inbox(self) -> None:
         while True:
