@@ -26,9 +26,10 @@ from modserve.synthetic import TinySpec, build_family
 # Synthetic models: the paper's proportions (5 bottom, 2 top, 1 transition of 32 layers).
 SPECS = {
     "tiny": TinySpec(num_layers=12, hidden_size=256, num_heads=4, num_kv_heads=2, intermediate_size=704, seed=11),
-    "small": TinySpec(num_layers=24, hidden_size=768, num_heads=12, num_kv_heads=4, intermediate_size=2048, seed=11),
+    "small": TinySpec(num_layers=16, hidden_size=512, num_heads=8, num_kv_heads=4, intermediate_size=1408,
+                      dtype="bfloat16", seed=11),
 }
-PLANS = {"tiny": Plan(bottom=2, top=1, transition=1), "small": Plan(bottom=4, top=2, transition=1)}
+PLANS = {"tiny": Plan(bottom=2, top=1, transition=1), "small": Plan(bottom=3, top=1, transition=1)}
 
 
 @dataclass
@@ -52,8 +53,12 @@ class BenchOptions:
     workdir: Path | None = None
 
     def __post_init__(self):
-        if self.quick:
-            self.model, self.num_requests, self.output_len = "tiny", 48, 24
+        if self.quick:  # under 3 minutes on 2 CPU cores, vLLM included
+            self.model, self.num_requests, self.output_len = "tiny", 40, 24
+            self.vllm_args = {"enforce_eager": True, **self.vllm_args}
+        unknown = set(self.backends) - {"native", "vllm"}
+        if unknown:
+            raise ModserveError(f"--backend: {', '.join(sorted(unknown))} is not native or vllm")
         if self.model not in SPECS and self.resident is None:
             raise ModserveError(f"--model: {self.model!r} is not one of {', '.join(SPECS)}")
 
@@ -107,12 +112,15 @@ def run_suite(options: BenchOptions, console: Console | None = None) -> dict:
         async def everything() -> None:
             console.log("warm-up (discarded): first-use costs would otherwise land on the first scenario")
             await run.mixed(setup, workload(min(2, len(languages))), prompts)
-            for backend in available_backends(options):
-                console.log(f"{backend}: ceiling")
-                results.append(await run.ceiling(setup, workload(1), prompts, backend))
-                for n in counts:
-                    console.log(f"{backend}: mixed, {n} language(s)")
-                    results.append(await run.mixed(setup, workload(n), prompts, backend))
+            console.log("native: ceiling")
+            results.append(await run.ceiling(setup, workload(1), prompts))
+            for n in counts:
+                console.log(f"native: mixed, {n} language(s)")
+                results.append(await run.mixed(setup, workload(n), prompts))
+            if "vllm" in available_backends(options):
+                console.log("vllm: ceiling, then mixed over every language count on one engine")
+                results.append(await run.ceiling(setup, workload(1), prompts, "vllm"))
+                results.extend(await run.mixed_vllm(setup, [workload(n) for n in counts], prompts))
             for n in counts:
                 console.log(f"native: swap per request, {n} language(s)")
                 results.append(await run.swap_per_request(setup, workload(n), prompts))
