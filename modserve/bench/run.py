@@ -25,6 +25,7 @@ from modserve.bench.workloads import BenchRequest, Workload, make_requests
 from modserve.config import ServeConfig, load_serve_config
 from modserve.engine import create_engine
 from modserve.engine.base import RESIDENT, Engine, GenerationRequest, SamplingParams
+from modserve.engine.loading import chat_token_ids
 
 
 @dataclass
@@ -171,8 +172,7 @@ async def start(config: ServeConfig, observer: Counting) -> Engine:
 
 
 def chat_ids(engine: Engine, question: str) -> list[int]:
-    encoded = engine.tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True)
-    return list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)
+    return chat_token_ids(engine.tokenizer, [{"role": "user", "content": question}])
 
 
 async def timed(engine: Engine, request_id: str, prompt: list[int], language: str, output_len: int) -> Timing:

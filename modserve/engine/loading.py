@@ -73,3 +73,9 @@ def load_gguf(path: Path) -> tuple[dict, dict[str, torch.Tensor], object]:
     except (OSError, ValueError, KeyError) as err:
         raise ModserveError(f"{path}: not a GGUF file transformers can read ({err})") from None
     return model.config.to_dict(), dict(model.state_dict()), tokenizer
+
+
+def chat_token_ids(tokenizer, messages: list[dict]) -> list[int]:
+    """The resident's chat template applied, generation prompt added, as token ids."""
+    encoded = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    return list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)

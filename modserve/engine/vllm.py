@@ -1,32 +1,27 @@
-"""The vLLM backend: the resident in vLLM's engine, packs swapped in place between language groups.
+"""The vLLM backend: the resident in vLLM's AsyncLLM, packs swapped in place between language groups.
 
-vLLM brings paged attention, CUDA graphs and tensor parallelism; it does not let
-one step mix layer sets. So requests are admitted in language groups: the active
-language admits for `engine.group_time_slice` seconds while others wait, then
-admission stops, the running requests finish on the weights they started with,
-the next language's layers are reloaded in place (vLLM's layer-wise reload), and
-the prefix cache is reset so no KV computed under other layers is reused.
+vLLM brings paged attention, CUDA graphs, tensor and pipeline parallelism; but one vLLM
+step runs one set of weights. So requests wait in per-language queues and are admitted
+to vLLM one language group at a time (`LanguageGroups`). Between groups, with no request
+left in vLLM, the workers reload the next pack's layers in place
+(`modserve.engine.vllm_worker`) and the prefix cache is reset, so no KV computed under
+other layers is ever reused.
 
-Every swap loads one precomputed file that sets *every* tensor any pack touches,
-so the model's state after a swap depends only on the target, never on history.
+vLLM is imported when the engine starts, not with this module: importing it takes seconds.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import importlib.util
 import logging
 import os
-import shutil
-import tempfile
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import torch
-from safetensors.torch import save_file
+from typing import Any
 
 from modserve.checkpoint import Checkpoint
 from modserve.config import ServeConfig
@@ -36,64 +31,190 @@ from modserve.engine.base import (
     Engine,
     EngineError,
     EngineStats,
+    FinishReason,
     GenerationRequest,
+    InvalidRequestError,
     OutputStream,
     PackUnavailableError,
     QueueFullError,
     RequestOutput,
+    SamplingParams,
 )
-from modserve.engine.loading import load_tokenizer
+from modserve.engine.loading import is_gguf, load_tokenizer, resolve_dtype
+from modserve.engine.vllm_worker import EXTENSION
 from modserve.errors import ModserveError
-from modserve.packs.format import ResidentHashes, load_pack
 
 log = logging.getLogger(__name__)
-SWAP_FILE = "swap.safetensors"
+CPU_KV_CACHE_GIB = "1"  # vLLM-CPU's own default claims a large share of host memory
+FINISH_REASONS: dict[str, FinishReason] = {"stop": "stop", "length": "length", "abort": "abort", "repetition": "stop"}
 
 
 @dataclass
-class Pending:
+class VllmRequest:
+    """One request from the moment it is queued to its last output."""
+
     request: GenerationRequest
+    params: Any  # vllm.SamplingParams, built (and so validated) before queueing
     stream: OutputStream
     arrival: float = field(default_factory=time.monotonic)
     task: asyncio.Task | None = None
     completion_tokens: int = 0
+    shutdown: bool = False  # cancelled by shutdown (an error), not by its client (an abort)
+
+    @property
+    def id(self) -> str:
+        return self.request.request_id
+
+    @property
+    def language(self) -> str:
+        return self.request.language
+
+    def output(self, choices: list[ChoiceDelta], finished: bool) -> RequestOutput:
+        return RequestOutput(
+            request_id=self.id,
+            choices=choices,
+            prompt_tokens=len(self.request.prompt_token_ids),
+            completion_tokens=self.completion_tokens,
+            finished=finished,
+        )
+
+    def aborted(self) -> RequestOutput:
+        return self.output([ChoiceDelta(i, "", [], "abort") for i in range(self.request.params.n)], True)
 
 
-class SwapFiles:
-    """One safetensors file per target (each pack, and `resident`) that sets the same tensor set.
+class LanguageGroups:
+    """Waiting requests by language, and the policy deciding whose layers the model holds.
 
-    Packs are verified (every sha256, and the resident's fingerprint) once, here; a
-    pack that fails stays out of service with its reason, the others serve.
+    The active group admits freely while it is alone. Once another language waits, the
+    active group admits for `time_slice` more seconds (counted from when that language began
+    waiting, or from the swap if later), so every swap is paid for by a slice of work and no
+    language starves. Then admission stops, the running requests finish on the weights they
+    started with, and the language whose oldest request has waited longest goes next.
+    `resident` is a group like any other.
     """
 
-    def __init__(self, resident: Checkpoint, packs: dict[str, Path], root: Path, observer):
-        self.root, self.failed, self.bytes = root, {}, {}
-        hashes = ResidentHashes(resident)
-        verified: dict[str, dict[str, torch.Tensor]] = {}
-        for language, path in packs.items():
-            start = time.perf_counter()
-            try:
-                manifest, tensors = load_pack(path)
-                if manifest.language != language:
-                    raise ModserveError(f"packs.{language}: {path} is the {manifest.language!r} pack")
-                hashes.check(manifest, Path(path))
-            except ModserveError as err:
-                log.error("pack %s refused: %s", language, err)
-                self.failed[language] = str(err)
-                observer.pack_load_failed(language, str(err))
-                continue
-            verified[language] = tensors
-            self.bytes[language] = sum(t.numel() * t.element_size() for t in tensors.values())
-            observer.pack_loaded(language, "disk", time.perf_counter() - start)
-        touched = sorted({name for tensors in verified.values() for name in tensors})
-        own = {name: resident.get(name) for name in touched}
-        for target, tensors in [(RESIDENT, {}), *verified.items()]:
-            (root / target).mkdir(parents=True)
-            save_file({name: tensors.get(name, own[name]).contiguous() for name in touched}, root / target / SWAP_FILE)
-        self.targets = {RESIDENT, *verified}
+    def __init__(self, time_slice: float, max_waiting: int, clock: Callable[[], float] = time.monotonic):
+        self.time_slice, self.max_waiting, self.clock = time_slice, max_waiting, clock
+        self.queues: dict[str, deque[VllmRequest]] = {}
+        self.active: str | None = RESIDENT  # whose layers the model holds; None: unknown
+        self.active_since = clock()
 
-    def path(self, target: str) -> str:
-        return str(self.root / target)
+    def __len__(self) -> int:
+        return sum(len(queue) for queue in self.queues.values())
+
+    def push(self, item: VllmRequest) -> None:
+        if len(self) >= self.max_waiting:
+            raise QueueFullError(f"{len(self)} requests are already waiting; retry later")
+        self.queues.setdefault(item.language, deque()).append(item)
+
+    def find(self, request_id: str) -> VllmRequest | None:
+        return next((item for queue in self.queues.values() for item in queue if item.id == request_id), None)
+
+    def remove(self, item: VllmRequest) -> None:
+        self.queues[item.language].remove(item)
+
+    def take_all(self, language: str) -> list[VllmRequest]:
+        return list(self.queues.pop(language, ()))
+
+    def activate(self, target: str | None) -> None:
+        self.active, self.active_since = target, self.clock()
+
+    def slice_over(self) -> bool:
+        others = [queue[0].arrival for lang, queue in self.queues.items() if queue and lang != self.active]
+        return bool(others) and self.clock() - max(self.active_since, min(others)) >= self.time_slice
+
+    def pop_admissible(self) -> VllmRequest | None:
+        """The active group's next request, while its slice lasts."""
+        queue = self.queues.get(self.active)
+        if not queue or self.slice_over():
+            return None
+        return queue.popleft()
+
+    def next_group(self) -> str | None:
+        """The group to hold the model once nothing runs: the active one while its slice lasts,
+        else the language whose oldest request has waited longest."""
+        heads = {lang: queue[0].arrival for lang, queue in self.queues.items() if queue}
+        if self.active in heads and not self.slice_over():
+            return self.active
+        others = {lang: arrival for lang, arrival in heads.items() if lang != self.active} or heads
+        return min(others, key=others.__getitem__) if others else None
+
+    def by_language(self) -> dict[str, int]:
+        return {lang: len(queue) for lang, queue in self.queues.items() if queue}
+
+
+class StepRecorder:
+    """A per-engine vLLM stat logger (duck-typed, so this module needs no vLLM import): every
+    engine step reports its batch to the observer and its KV-cache use to `stats()`."""
+
+    def __init__(self, observe_step: Callable[[int, int], None]):
+        self.observe_step = observe_step
+        self.kv_cache_usage = 0.0
+
+    def __call__(self, vllm_config, engine_index: int = 0) -> StepRecorder:
+        return self  # vLLM calls the factory once per engine; there is one engine
+
+    def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None, engine_idx: int = 0) -> None:
+        if scheduler_stats is None:
+            return
+        self.kv_cache_usage = scheduler_stats.kv_cache_usage
+        if scheduler_stats.num_running_reqs:
+            self.observe_step(1, scheduler_stats.num_running_reqs)  # one language per step, by design
+
+    def log_engine_initialized(self) -> None:
+        pass
+
+    def log(self) -> None:
+        pass
+
+    def record_sleep_state(self, is_awake: int, level: int) -> None:
+        pass
+
+
+def vllm_sampling_params(params: SamplingParams, max_tokens: int):
+    """Ours to vLLM's, streaming deltas. vLLM adds the model's own EOS ids (generation_config)."""
+    from vllm import SamplingParams as VllmSamplingParams
+    from vllm.exceptions import VLLMClientError
+    from vllm.sampling_params import RequestOutputKind
+
+    try:
+        return VllmSamplingParams(
+            n=params.n,
+            temperature=params.temperature,
+            top_p=params.top_p,
+            top_k=params.top_k,
+            seed=params.seed,
+            stop=list(params.stop),
+            stop_token_ids=list(params.stop_token_ids),
+            ignore_eos=params.ignore_eos,
+            max_tokens=max_tokens,
+            skip_special_tokens=True,
+            output_kind=RequestOutputKind.DELTA,
+        )
+    except (VLLMClientError, ValueError) as err:
+        raise InvalidRequestError(str(err), param=getattr(err, "parameter", None)) from None
+
+
+def engine_error(err: Exception) -> EngineError:
+    """vLLM's exceptions as the API's: the request's fault (400) or the server's (500)."""
+    from vllm.exceptions import VLLMClientError
+    from vllm.v1.engine.exceptions import EngineDeadError
+
+    if isinstance(err, EngineError):
+        return err
+    if isinstance(err, VLLMClientError | ValueError):
+        return InvalidRequestError(str(err), param=getattr(err, "parameter", None))
+    if isinstance(err, EngineDeadError):
+        return EngineError("vLLM's engine core died; the server must be restarted")
+    return EngineError(f"generation failed: {type(err).__name__}: {err}")
+
+
+def set_cpu_kv_cache_default() -> None:
+    """vLLM-CPU sizes its KV cache from VLLM_CPU_KVCACHE_SPACE (GiB); an explicit value wins."""
+    from vllm.platforms import current_platform
+
+    if current_platform.is_cpu():
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", CPU_KV_CACHE_GIB)
 
 
 class VllmEngine(Engine):
@@ -108,21 +229,19 @@ class VllmEngine(Engine):
         group_time_slice: float = 2.0,
         engine_args: dict | None = None,
     ):
-        self.resident, self.packs = Path(resident), dict(packs)
+        self.resident, self.packs = Path(resident), {lang: Path(p) for lang, p in packs.items()}
         self.dtype, self.max_batch_size, self._max_model_len = dtype, max_batch_size, max_model_len
-        self.max_waiting, self.group_time_slice = max_waiting, group_time_slice
         self.engine_args = dict(engine_args or {})
+        self._groups = LanguageGroups(group_time_slice, max_waiting)
+        self._running: dict[str, VllmRequest] = {}
+        self._failed: dict[str, str] = {}  # language -> why its pack does not serve
+        self._pack_bytes: dict[str, int] = {}
+        self._steps = StepRecorder(lambda languages, batch: self.observer.step(languages, batch))
+        self._wake = asyncio.Event()
+        self._scheduler: asyncio.Task | None = None
         self._llm = None
         self._tokenizer = None
         self._ready = False
-        self._queues: dict[str, deque[Pending]] = {}
-        self._running: dict[str, Pending] = {}
-        self._active: str | None = RESIDENT  # None after a failed swap: weights unknown
-        self._slice_start = time.monotonic()
-        self._wake = asyncio.Event()
-        self._scheduler: asyncio.Task | None = None
-        self._swaps: SwapFiles | None = None
-        self._workdir: Path | None = None
         self._resident_bytes = 0
 
     @classmethod
@@ -160,204 +279,236 @@ class VllmEngine(Engine):
 
     @property
     def ready(self) -> bool:
-        return self._ready
+        return self._ready and self._llm is not None and not self._llm.errored
+
+    @property
+    def active_group(self) -> str | None:
+        """Whose layers the model holds (a pack's language or `resident`); None while unknown."""
+        return self._groups.active
 
     # --- lifecycle -------------------------------------------------------------------------
 
     async def start(self) -> None:
+        """Load the resident into vLLM, then have its workers read and verify every pack.
+
+        vLLM starts in a thread: it takes seconds to minutes, and the server answers /health
+        meanwhile.
+        """
+        resident = self._resident_checkpoint()
+        self._tokenizer = load_tokenizer(self.resident)
+        self._max_model_len = min(self._max_model_len, int(resident.config.get("max_position_embeddings", 1 << 30)))
+        self._resident_bytes = sum((self.resident / shard).stat().st_size for shard in resident.shards)
+        dtype = str(resolve_dtype(self.dtype, resident.config)).removeprefix("torch.")
+        self._llm = await asyncio.to_thread(self._start_vllm, self._engine_args(dtype))
+        try:
+            await self._load_packs()
+        except Exception:
+            await self.shutdown()
+            raise
+        self._groups.activate(RESIDENT)
+        self._scheduler = asyncio.create_task(self._schedule(), name="modserve-vllm-groups")
+        self._ready = True
+
+    def _resident_checkpoint(self) -> Checkpoint:
+        if is_gguf(self.resident):
+            raise ModserveError(
+                f"model.resident: {self.resident}: the vllm backend serves safetensors checkpoints "
+                "(packs are verified against them); use the native backend for GGUF"
+            )
+        return Checkpoint(self.resident)
+
+    def _engine_args(self, dtype: str) -> dict:
+        if "worker_extension_cls" in self.engine_args:
+            raise ModserveError("engine.vllm.worker_extension_cls: modserve sets it (packs are swapped by it)")
+        return {
+            "model": str(self.resident),
+            "dtype": dtype,
+            "max_model_len": self._max_model_len,
+            "max_num_seqs": self.max_batch_size,
+            "disable_log_stats": True,  # modserve's metrics; StepRecorder still sees every step
+            **self.engine_args,
+            "worker_extension_cls": EXTENSION,
+        }
+
+    def _start_vllm(self, args: dict):
         from vllm import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        resident = Checkpoint(self.resident)
-        self._resident_bytes = sum((self.resident / shard).stat().st_size for shard in resident.shards)
-        self._tokenizer = load_tokenizer(self.resident)
-        self._max_model_len = min(self._max_model_len, int(resident.config.get("max_position_embeddings", 1 << 30)))
-        if not torch.cuda.is_available():
-            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; vLLM's CPU default is larger
-        shm = Path("/dev/shm")
-        self._workdir = Path(tempfile.mkdtemp(prefix="modserve-swaps-", dir=shm if shm.is_dir() else None))
-        self._swaps = await asyncio.to_thread(SwapFiles, resident, self.packs, self._workdir, self.observer)
-        args = {
-            "model": str(self.resident),
-            "dtype": self.dtype,
-            "max_model_len": self._max_model_len,
-            "max_num_seqs": self.max_batch_size,
-            "seed": 0,
-            **self.engine_args,
-        }
+        set_cpu_kv_cache_default()
         try:
-            self._llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**args))
+            engine_args = AsyncEngineArgs(**args)
+        except TypeError as err:
+            raise ModserveError(f"engine.vllm: not a vLLM engine argument ({err})") from None
+        try:
+            return AsyncLLM.from_engine_args(engine_args, stat_loggers=[self._steps])
         except Exception as err:
             raise ModserveError(f"vLLM could not start on {self.resident}: {err}") from err
-        self._scheduler = asyncio.create_task(self._schedule())
-        self._ready = True
+
+    async def _load_packs(self) -> None:
+        """Every worker reads and verifies every pack once and keeps it in host memory; a pack
+        that any worker refuses stays out of service with its reason, the others serve."""
+        paths = {lang: str(path) for lang, path in self.packs.items()}
+        per_worker = await self._llm.collective_rpc("modserve_load_packs", args=(str(self.resident), paths))
+        for language in sorted(paths):
+            reports = [worker[language] for worker in per_worker]
+            errors = [report["error"] for report in reports if "error" in report]
+            if errors:
+                log.error("pack %s refused: %s", language, errors[0])
+                self._failed[language] = errors[0]
+                self.observer.pack_load_failed(language, errors[0])
+                continue
+            self._pack_bytes[language] = reports[0]["bytes"]
+            self.observer.pack_loaded(language, "disk", max(report["seconds"] for report in reports))
 
     async def shutdown(self) -> None:
+        """Queued requests fail, running ones are aborted in vLLM and fail, then vLLM's engine
+        core and workers exit."""
         self._ready = False
         if self._scheduler is not None:
             self._scheduler.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._scheduler
-        for pending in [*self._running.values(), *(p for q in self._queues.values() for p in q)]:
-            if pending.task is not None:
-                pending.task.cancel()
-            pending.stream.queue.put_nowait(EngineError("the engine shut down"))
-        self._queues.clear()
+            await asyncio.wait([self._scheduler])
+            self._scheduler = None
+        for language in list(self._groups.queues):
+            for item in self._groups.take_all(language):
+                item.stream.queue.put_nowait(EngineError("the engine shut down"))
+        running = [item for item in self._running.values() if item.task is not None]
+        for item in running:
+            item.shutdown = True
+            item.task.cancel()
+        if running:
+            await asyncio.wait([item.task for item in running])
         if self._llm is not None:
-            self._llm.shutdown()
+            await asyncio.to_thread(self._llm.shutdown)
             self._llm = None
-        if self._workdir is not None:
-            shutil.rmtree(self._workdir, ignore_errors=True)
 
     # --- requests --------------------------------------------------------------------------
 
     def generate(self, request: GenerationRequest) -> OutputStream:
         self.check_request(request)
-        if request.language in self._swaps.failed:
-            raise PackUnavailableError(f"pack {request.language!r} is unavailable: {self._swaps.failed[request.language]}")
-        if request.request_id in self._running or any(request.request_id == p.request.request_id for q in self._queues.values() for p in q):
+        if request.language in self._failed:
+            raise PackUnavailableError(f"pack {request.language!r} is unavailable: {self._failed[request.language]}")
+        if request.request_id in self._running or self._groups.find(request.request_id):
             raise EngineError(f"request id {request.request_id!r} is already running", param="request_id")
-        waiting = sum(len(q) for q in self._queues.values())
-        if waiting >= self.max_waiting:
-            raise QueueFullError(f"{waiting} requests are already waiting; retry later")
-        stream = OutputStream(request.request_id, self.abort)
-        self._queues.setdefault(request.language, deque()).append(Pending(request, stream))
+        max_tokens = request.params.max_tokens or self._max_model_len - len(request.prompt_token_ids)
+        params = vllm_sampling_params(request.params, max_tokens)
+        item = VllmRequest(request, params, OutputStream(request.request_id, self.abort))
+        self._groups.push(item)
         self._wake.set()
-        return stream
+        return item.stream
 
     async def abort(self, request_id: str) -> None:
+        """Returns once the request is gone: out of its queue, or aborted in vLLM."""
         running = self._running.get(request_id)
         if running is not None and running.task is not None:
-            running.task.cancel()  # vLLM aborts a request whose generate() is cancelled
+            running.task.cancel()
+            await asyncio.wait([running.task])
             return
-        for queue in self._queues.values():
-            for pending in queue:
-                if pending.request.request_id == request_id:
-                    queue.remove(pending)
-                    pending.stream.queue.put_nowait(self._output(pending, [ChoiceDelta(0, "", [], "abort")], True))
-                    return
+        waiting = self._groups.find(request_id)
+        if waiting is not None:
+            self._groups.remove(waiting)
+            waiting.stream.queue.put_nowait(waiting.aborted())
+            self._wake.set()  # a group may now admit again
 
     def stats(self) -> EngineStats:
-        verified = sorted(self._swaps.targets - {RESIDENT}) if self._swaps else []
-        device = [self._active] if self._active in verified else []
-        host = [lang for lang in verified if lang not in device]
-        disk = sorted(self._swaps.failed) if self._swaps else []
-        size = self._swaps.bytes if self._swaps else {}
+        """For vLLM the device tier is the pack whose layers the model holds now."""
+        serving = [lang for lang in self.languages if lang in self._pack_bytes]
+        tiers = {
+            "device": [lang for lang in serving if lang == self._groups.active],
+            "host": [lang for lang in serving if lang != self._groups.active],
+            "disk": sorted(self._failed),
+        }
+        sizes = {**self._pack_bytes, **{lang: self._file_bytes(lang) for lang in self._failed}}
+        capacity = self._kv_capacity()
         return EngineStats(
             running=len(self._running),
-            waiting=sum(len(q) for q in self._queues.values()),
-            waiting_by_language={lang: len(q) for lang, q in self._queues.items() if q},
-            packs_by_tier={"device": len(device), "host": len(host), "disk": len(disk)},
-            pack_bytes_by_tier={
-                "device": sum(size.get(lang, 0) for lang in device),
-                "host": sum(size.get(lang, 0) for lang in host),
-                "disk": sum(Path(self.packs[lang], "blocks.safetensors").stat().st_size for lang in disk),
-            },
+            waiting=len(self._groups),
+            waiting_by_language=self._groups.by_language(),
+            kv_tokens_used=round(self._steps.kv_cache_usage * capacity),
+            kv_tokens_capacity=capacity,
+            packs_by_tier={tier: len(langs) for tier, langs in tiers.items()},
+            pack_bytes_by_tier={tier: sum(sizes[lang] for lang in langs) for tier, langs in tiers.items()},
             resident_bytes=self._resident_bytes,
         )
+
+    def _file_bytes(self, language: str) -> int:
+        blocks = self.packs[language] / "blocks.safetensors"
+        return blocks.stat().st_size if blocks.is_file() else 0
+
+    def _kv_capacity(self) -> int:
+        cache = self._llm.vllm_config.cache_config if self._llm is not None else None
+        return (cache.num_gpu_blocks or 0) * cache.block_size if cache is not None else 0
 
     # --- language-grouped scheduling ---------------------------------------------------------
 
     async def _schedule(self) -> None:
-        """Every change of state wakes this loop: a request arrives, finishes or is aborted."""
+        """Runs for the engine's life; every arrival, finish and abort wakes it. Admission is
+        only ever decided at those moments, so it needs no timer."""
         while True:
             await self._wake.wait()
             self._wake.clear()
             if not self._running:
-                group = self._next_group()
-                if group is not None and group != self._active:
-                    await self._swap(group)
+                target = self._groups.next_group()
+                if target is not None and target != self._groups.active:
+                    await self._swap(target)
             self._admit()
 
-    def _slice_over(self) -> bool:
-        others = any(q for lang, q in self._queues.items() if lang != self._active)
-        return others and time.monotonic() - self._slice_start >= self.group_time_slice
-
-    def _next_group(self) -> str | None:
-        """The language whose oldest request has waited longest — the active one only while its
-        time slice lasts, so no language starves."""
-        heads = [
-            (queue[0].arrival, lang) for lang, queue in self._queues.items()
-            if queue and not (lang == self._active and self._slice_over())
-        ]
-        return min(heads)[1] if heads else None
-
     def _admit(self) -> None:
-        queue = self._queues.get(self._active)
-        while queue and len(self._running) < self.max_batch_size and not self._slice_over():
-            pending = queue.popleft()
-            self._running[pending.request.request_id] = pending
-            pending.task = asyncio.create_task(self._run(pending))
+        while len(self._running) < self.max_batch_size and (item := self._groups.pop_admissible()):
+            self._running[item.id] = item
+            item.task = asyncio.create_task(self._stream(item), name=f"modserve-vllm-{item.id}")
 
     async def _swap(self, target: str) -> None:
-        """Only called with nothing running: no forward pass ever sees a half-swapped model.
+        """Called only with no request in vLLM: no forward pass ever sees a half-swapped model.
 
-        A failed reload leaves the weights unknown: the target is taken out of service
-        and the next swap, to any target, rewrites every swapped tensor again.
+        The prefix cache is reset before (which vLLM refuses while any request holds KV blocks,
+        so nothing is touched then) and after the reload, so no KV computed under other layers
+        is reused. On failure the waiting requests for `target` fail, the weights count as
+        unknown, and the next swap rewrites every layer any pack touches.
         """
         start = time.perf_counter()
         try:
-            await self._llm.collective_rpc(
-                "reload_weights", kwargs={"weights_path": self._swaps.path(target), "is_checkpoint_format": True}
-            )
-            await self._llm.reset_prefix_cache()
+            await self._reset_prefix_cache()
+            await self._llm.collective_rpc("modserve_swap", args=(target,))
+            await self._reset_prefix_cache()
         except Exception as err:
-            log.error("swap to %s failed: %s", target, err)
-            self._swaps.failed[target] = f"swap failed: {err}"
-            self._active = None
-            for pending in self._queues.pop(target, deque()):
-                pending.stream.queue.put_nowait(PackUnavailableError(f"pack {target!r} is unavailable: {err}"))
+            log.exception("swap to %s failed", target)
+            self._groups.activate(None)
+            for item in self._groups.take_all(target):
+                item.stream.queue.put_nowait(PackUnavailableError(f"could not swap in {target!r}: {err}"))
             self._wake.set()
             return
         seconds = time.perf_counter() - start
-        log.info("swapped %s -> %s in %.1f ms", self._active, target, 1e3 * seconds)
+        log.info("swapped %s -> %s in %.1f ms", self._groups.active, target, 1e3 * seconds)
+        self._groups.activate(target)
         self.observer.pack_swapped(target, seconds)
-        self._active, self._slice_start = target, time.monotonic()
 
-    async def _run(self, pending: Pending) -> None:
-        from vllm import SamplingParams as VllmSamplingParams
-        from vllm.sampling_params import RequestOutputKind
+    async def _reset_prefix_cache(self) -> None:
+        if not await self._llm.reset_prefix_cache():
+            raise EngineError("vLLM still holds KV blocks of a running request")
 
-        request, p = pending.request, pending.request.params
-        prompt = request.prompt_token_ids
-        params = VllmSamplingParams(
-            n=p.n,
-            temperature=p.temperature,
-            top_p=p.top_p,
-            top_k=p.top_k,
-            seed=p.seed,
-            stop=list(p.stop) or None,
-            stop_token_ids=list(p.stop_token_ids) or None,
-            ignore_eos=p.ignore_eos,
-            max_tokens=p.max_tokens or self._max_model_len - len(prompt),
-            output_kind=RequestOutputKind.DELTA,
-            skip_special_tokens=True,
-        )
-        finished = False
+    async def _stream(self, item: VllmRequest) -> None:
+        """Feeds one request's vLLM outputs into its stream. It leaves `running` only once vLLM
+        is done with it (finished, failed, or aborted: cancelling vLLM's generate aborts it)."""
+        from vllm.inputs import tokens_input
+
         try:
-            async for out in self._llm.generate({"prompt_token_ids": prompt}, params, request.request_id):
-                choices = [ChoiceDelta(o.index, o.text, list(o.token_ids), o.finish_reason) for o in out.outputs]
-                pending.completion_tokens += sum(len(c.token_ids) for c in choices)
-                finished = out.finished
-                pending.stream.queue.put_nowait(self._output(pending, choices, finished))
+            async for out in self._llm.generate(tokens_input(item.request.prompt_token_ids), item.params, item.id):
+                item.stream.queue.put_nowait(self._delta(item, out))
         except asyncio.CancelledError:
-            pass
-        except Exception as err:  # one request's failure must not stop the engine
-            log.error("request %s failed in vLLM: %s", request.request_id, err)
-            pending.stream.queue.put_nowait(EngineError(f"generation failed: {err}"))
-            finished = True
+            item.stream.queue.put_nowait(EngineError("the engine shut down") if item.shutdown else item.aborted())
+        except Exception as err:  # one request's failure never stops the engine
+            log.warning("request %s failed in vLLM: %s", item.id, err)
+            item.stream.queue.put_nowait(engine_error(err))
         finally:
-            self._running.pop(request.request_id, None)
+            self._running.pop(item.id, None)
             self._wake.set()
-        if not finished:
-            pending.stream.queue.put_nowait(self._output(pending, [ChoiceDelta(0, "", [], "abort")], True))
 
-    def _output(self, pending: Pending, choices: list[ChoiceDelta], finished: bool) -> RequestOutput:
-        return RequestOutput(
-            request_id=pending.request.request_id,
-            choices=choices,
-            prompt_tokens=len(pending.request.prompt_token_ids),
-            completion_tokens=pending.completion_tokens,
-            finished=finished,
-        )
-
+    def _delta(self, item: VllmRequest, out) -> RequestOutput:
+        if any(choice.finish_reason == "error" for choice in out.outputs):
+            raise EngineError("vLLM failed the request (internal error); retry")
+        choices = [
+            ChoiceDelta(c.index, c.text, list(c.token_ids), FINISH_REASONS.get(c.finish_reason))
+            for c in out.outputs
+        ]
+        item.completion_tokens += sum(len(c.token_ids) for c in choices)
+        return item.output(choices, out.finished)

@@ -23,6 +23,7 @@ from modserve.engine.base import (
     OutputStream,
     RequestOutput,
 )
+from modserve.engine.loading import chat_token_ids
 from modserve.router import Router, RoutingDecision, UnknownLanguageError
 from modserve.server.errors import ApiError, from_engine_error
 from modserve.server.metrics import Metrics
@@ -176,10 +177,9 @@ class Serving:
         if not tokenizer.chat_template:
             raise ApiError(400, "the resident's tokenizer has no chat template; use /v1/completions", "messages")
         try:
-            encoded = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+            return chat_token_ids(tokenizer, messages)
         except Exception as err:  # template errors are the client's messages, not a crash
             raise ApiError(400, f"the chat template rejected these messages: {err}", "messages") from None
-        return list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)
 
     def completion_prompt(self, prompt: str | list[int]) -> tuple[list[int], str]:
         tokenizer = self.engine.tokenizer
