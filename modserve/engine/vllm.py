@@ -299,6 +299,7 @@ class VllmEngine(Engine):
         self._max_model_len = min(self._max_model_len, int(resident.config.get("max_position_embeddings", 1 << 30)))
         self._resident_bytes = sum((self.resident / shard).stat().st_size for shard in resident.shards)
         dtype = str(resolve_dtype(self.dtype, resident.config)).removeprefix("torch.")
+        await asyncio.to_thread(importlib.import_module, "vllm.v1.engine.async_llm")
         self._llm = await asyncio.to_thread(self._start_vllm, self._engine_args(dtype))
         try:
             await self._load_packs()
