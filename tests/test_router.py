@@ -89,7 +89,8 @@ def test_explicit_model_or_language_beats_detection():
     swahili = "Bata wa Janet hutaga mayai kila siku."
     assert router.route_prompt(swahili).language == "sw"
     by_model = router.route_prompt(swahili, explicit_model="ja")
-    assert (by_model.language, by_model.reason, by_model.confidence) == ("ja", "model", 1.0)
+    assert (by_model.language, by_model.reason, by_model.detected) == ("ja", "model", "sw")
+    assert by_model.header_detected.startswith("sw;q=")  # what the explicit choice overrode
     assert router.route_prompt(swahili, explicit_language="te").reason == "language"
     assert router.route_prompt(swahili, explicit_language="resident").language == "resident"
     with pytest.raises(UnknownLanguageError) as err:

@@ -7,7 +7,7 @@ resident — never to the nearest pack.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from modserve.errors import ModserveError
 from modserve.router.clean import strip_non_language
@@ -27,8 +27,8 @@ class UnknownLanguageError(ModserveError):
 @dataclass(frozen=True)
 class RoutingDecision:
     language: str  # a pack code, or "resident"
-    detected: str | None  # the detector's folded label; None when explicit or nothing to read
-    confidence: float
+    detected: str | None  # the detector's folded label; None when there was nothing to read
+    confidence: float  # the detector's, also when an explicit choice overrode it
     reason: str  # model | language | detected | low_confidence | no_pack | empty
     text: str = ""  # what the detector read, after stripping
     removed: dict[str, int] = field(default_factory=dict)
@@ -65,18 +65,20 @@ class Router:
     def route_prompt(
         self, text: str, explicit_model: str | None = None, explicit_language: str | None = None
     ) -> RoutingDecision:
+        """Explicit choice wins; the text is still detected, so the response can say what
+        the client's choice overrode (X-Modserve-Detected)."""
         if explicit_model is not None:
-            return self.explicit(explicit_model, "model")
+            return self.explicit(explicit_model, "model", text)
         if explicit_language is not None:
-            return self.explicit(explicit_language, "language")
+            return self.explicit(explicit_language, "language", text)
         return self.detect(text)
 
-    def explicit(self, language: str, param: str) -> RoutingDecision:
+    def explicit(self, language: str, param: str, text: str) -> RoutingDecision:
         if language != RESIDENT and language not in self.languages:
             choices = ", ".join([*self.languages, RESIDENT])
             what = f"modserve:{language}" if param == "model" else repr(language)
             raise UnknownLanguageError(f"{param}: no pack for {what}; choose one of {choices}", param)
-        return RoutingDecision(language, None, 1.0, param)
+        return replace(self.detect(text), language=language, reason=param)
 
     def detect(self, text: str) -> RoutingDecision:
         start = time.perf_counter()
