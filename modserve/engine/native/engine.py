@@ -259,14 +259,16 @@ class NativeEngine(Engine):
                 self._abort(item)
 
     def _enqueue(self, state: RequestState) -> None:
-        request = state.request
-        for index in range(request.params.n):
+        request, params = state.request, state.request.params
+        stop_ids = frozenset((() if params.ignore_eos else self._stop_ids) + params.stop_token_ids)
+        for index in range(params.n):
             seq = Sequence(
                 request=request,
                 index=index,
-                text=TextStream(self._tokenizer, request.prompt_token_ids, request.params.stop),
-                generator=make_generator(request.params, index, self.device),
+                text=TextStream(self._tokenizer, request.prompt_token_ids, params.stop),
+                generator=make_generator(params, index, self.device),
                 arrival=next(self._arrivals),
+                stop_ids=stop_ids,
             )
             state.sequences.append(seq)
             self.scheduler.waiting.append(seq)
@@ -363,8 +365,7 @@ class NativeEngine(Engine):
     def _advance(self, seq: Sequence, token: int) -> tuple[str, str | None]:
         """Text released by this token and the finish reason it causes, if any."""
         params = seq.request.params
-        stops = (() if params.ignore_eos else self._stop_ids) + params.stop_token_ids
-        if token in stops:
+        if token in seq.stop_ids:
             return seq.text.finish(), "stop"
         text, hit_stop = seq.text.push(token)
         if hit_stop:

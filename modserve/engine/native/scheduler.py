@@ -28,6 +28,7 @@ class Sequence:
     text: TextStream
     generator: torch.Generator | None
     arrival: int  # admission order, to keep FIFO within a group
+    stop_ids: frozenset[int]  # EOS (unless ignore_eos) and the request's stop_token_ids
     token_ids: list[int] = field(default_factory=list)
     cached: int = 0  # tokens whose K/V are in the cache
     slot: int = -1
