@@ -194,10 +194,12 @@ def test_unknown_model_is_404(client):
         client.chat.completions.create(model="modserve:xx", messages=[{"role": "user", "content": "x"}])
 
 
-def test_body_over_the_limit_is_413(server):
-    big = {"model": "modserve", "prompt": "a" * (2 << 20)}
-    response = httpx.post(f"{server.base_url}/completions", json=big)
-    assert response.status_code == 413 and error_of(response)["code"] == "request_too_large"
+def test_body_over_the_limit_is_413(client, server):
+    with pytest.raises(openai.APIStatusError) as err:
+        client.completions.create(model="modserve", prompt="a" * (2 << 20))
+    assert err.value.status_code == 413 and err.value.body["code"] == "request_too_large"
+    chunked = httpx.post(f"{server.base_url}/completions", content=iter([b"{" + b" " * (1 << 20), b"}"]))
+    assert chunked.status_code == 413  # no Content-Length to trust: the body is counted
 
 
 def test_api_keys_are_enforced_when_configured(demo):
@@ -238,15 +240,16 @@ def test_not_ready_is_503(demo):
 
     async def ask():
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as http:
-            health = await http.get("/health")
-            ready = await http.get("/ready")
-            chat = await http.post("/v1/chat/completions", json={"model": "modserve", "messages": [{"role": "user", "content": "x"}]})
-            return health, ready, chat
+            health, ready = await http.get("/health"), await http.get("/ready")
+            client = openai.AsyncOpenAI(base_url="http://t/v1", api_key="x", max_retries=0, http_client=http)
+            with pytest.raises(openai.InternalServerError) as err:
+                await client.chat.completions.create(model="modserve", messages=[{"role": "user", "content": "x"}])
+            return health, ready, err.value
 
-    health, ready, chat = asyncio.run(ask())
+    health, ready, refused = asyncio.run(ask())
     assert health.status_code == 200
-    assert ready.status_code == 503 and chat.status_code == 503
-    assert error_of(chat)["code"] == "not_ready"
+    assert ready.status_code == 503 and error_of(ready)["code"] == "not_ready"
+    assert refused.status_code == 503 and refused.body["code"] == "not_ready"
 
 
 # --- streams that end early, metrics, shutdown ------------------------------------------------
