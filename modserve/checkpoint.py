@@ -19,7 +19,6 @@ from safetensors import SafetensorError, safe_open
 from modserve.errors import CheckpointError
 
 INDEX_NAME = "model.safetensors.index.json"
-SINGLE_NAME = "model.safetensors"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 # safetensors dtype codes <-> torch dtypes, for headers written without materialising tensors.
 ST_DTYPES = {

@@ -25,7 +25,6 @@ from modserve.errors import ModserveError
 from modserve.packs.format import Manifest, ResidentHashes, load_pack, read_manifest
 
 log = logging.getLogger(__name__)
-TIERS = ("device", "host", "disk")
 RETRY_FAILED_AFTER_S = 30.0
 
 
