@@ -46,7 +46,7 @@ def create_app(
         engine.observer = metrics
         metrics.watch(engine)
         loading = asyncio.create_task(engine.start())
-        loading.add_done_callback(lambda task: started(task))
+        loading.add_done_callback(started)
         try:
             yield
         finally:
@@ -56,9 +56,10 @@ def create_app(
             await engine.shutdown()
 
     def started(task: asyncio.Task) -> None:
-        if task.cancelled() or task.exception() is None:
-            if not task.cancelled():
-                log.info("ready: resident loaded, packs %s", ", ".join(engine.languages) or "none")
+        if task.cancelled():
+            return
+        if task.exception() is None:
+            log.info("ready: resident loaded, packs %s", ", ".join(engine.languages) or "none")
             return
         status["error"] = task.exception()
         log.error("engine failed to start: %s", task.exception())
@@ -66,7 +67,6 @@ def create_app(
             on_start_failure(task.exception())
 
     app = FastAPI(title="modserve", version=__version__, lifespan=lifespan)
-    app.state.metrics, app.state.serving, app.state.status = metrics, serving, status
     app.add_middleware(RequestAccounting, metrics=metrics)
     app.add_middleware(BodyLimit, limit=int(config.server.max_request_bytes))
 
