@@ -26,7 +26,7 @@ class Section(BaseModel):
 
 class ModelSection(Section):
     resident: Path | None = None  # None: the built-in demo
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "bfloat16"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: the checkpoint's own
     device: str = "auto"
 
 

@@ -20,7 +20,7 @@ def with_demo(config: ServeConfig) -> ServeConfig:
     if not config.is_demo:
         return config
     demo = ensure_demo()
-    model = config.model.model_copy(update={"resident": demo.resident, "dtype": "float32"})
+    model = config.model.model_copy(update={"resident": demo.resident})
     return config.model_copy(update={"model": model, "packs": demo.packs})
 
 
