@@ -67,6 +67,17 @@ async def test_mixed_batch_with_requests_joining_mid_flight_equals_merges(engine
         assert len(got) in (12, 30) or got[-1] in (257, 260)
 
 
+async def test_a_request_joining_after_another_left_takes_a_free_slot(engine, merged):
+    prompts = [chat_ids(engine, f"question {k} {'long ' * (4 * k)}") for k in range(4)]
+    short = asyncio.ensure_future(greedy(engine, "short", "sw", prompts[0], 2))
+    running = [asyncio.ensure_future(greedy(engine, f"r{i}", lang, prompts[i + 1], 40)) for i, lang in enumerate(["sw", "te"])]
+    await short  # its slot, below the others', is now a hole
+    late = await greedy(engine, "late", "te", prompts[3], 10)
+    assert late == hf_greedy(merged["te"], prompts[3], 10)[: len(late)]
+    for lang, prompt, got in zip(["sw", "te"], prompts[1:3], await asyncio.gather(*running), strict=True):
+        assert got == hf_greedy(merged[lang], prompt, 40)[: len(got)]
+
+
 async def test_one_decode_step_holds_several_languages(demo):
     observer = RecordingObserver()
     engine = await started(demo.resident, demo.packs, observer=observer)

@@ -283,6 +283,7 @@ class NativeEngine(Engine):
         self._finish_request(state, [ChoiceDelta(s.index, "", [], "abort") for s in state.sequences])
 
     def _step(self) -> bool:
+        self._regroup()  # close the holes finished sequences left before new ones take slots
         admitted, failed = self.scheduler.admit()
         for seq, err in failed:
             state = self._requests.get(seq.request.request_id)
