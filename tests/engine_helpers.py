@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import random
 
 from modserve.engine.base import GenerationRequest, SamplingParams
 from modserve.engine.loading import chat_token_ids
+from tests.oracle import hf_greedy
 
 
 class RecordingObserver:
@@ -57,3 +59,30 @@ async def collect(engine, request: GenerationRequest) -> dict:
 async def greedy(engine, rid: str, language: str, prompt: list[int], max_tokens: int = 20) -> list[int]:
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
     return (await collect(engine, GenerationRequest(rid, prompt, params, language)))["tokens"][0]
+
+
+async def churn(engine, oracle: dict, languages: list[str], seed: int, count: int = 16) -> None:
+    """Requests of random languages, lengths and arrival times, a quarter aborted after their
+    first token: every one that completes must still equal its merged checkpoint, whatever
+    slots, groups and packs were shuffled underneath it."""
+    rng = random.Random(seed)
+    plans = [
+        (f"churn-{seed}-{k}", rng.choice(languages), rng.randrange(10), rng.choice([1, 2, 7, 24]), rng.random() < 0.25, rng.random() * 0.2)
+        for k in range(count)
+    ]
+
+    async def one(rid: str, language: str, words: int, max_tokens: int, abort: bool, delay: float):
+        await asyncio.sleep(delay)
+        prompt = chat_ids(engine, f"{rid}: {'word ' * words}in {language}")
+        if abort:
+            params = SamplingParams(max_tokens=400, temperature=0.0, ignore_eos=True)
+            stream = engine.generate(GenerationRequest(rid, prompt, params, language))
+            await stream.__anext__()
+            await stream.aclose()
+            return None
+        return language, prompt, max_tokens, await greedy(engine, rid, language, prompt, max_tokens)
+
+    for done in await asyncio.gather(*(one(*plan) for plan in plans)):
+        if done is not None:
+            language, prompt, max_tokens, got = done
+            assert got and got == hf_greedy(oracle[language], prompt, max_tokens)[: len(got)], (language, prompt)

