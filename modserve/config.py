@@ -41,7 +41,9 @@ class EngineSection(Section):
     backend: Literal["native", "vllm"] = "native"
     max_batch_size: int = Field(32, ge=1, le=1024)
     max_model_len: int = Field(4096, ge=16)
-    max_prefill_tokens: int = Field(8192, ge=16)
+    # native backend: prompt tokens one step prefills; longer prompts go in chunks between decode
+    # steps (vllm backend: its own max_num_batched_tokens, under `vllm:`).
+    max_prefill_tokens: int = Field(2048, ge=16)
     max_waiting: int = Field(1024, ge=1)
     pack_memory: ByteSize = ByteSize(4 << 30)
     host_pack_memory: ByteSize = ByteSize(16 << 30)

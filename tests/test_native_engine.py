@@ -78,13 +78,36 @@ async def test_a_request_joining_after_another_left_takes_a_free_slot(engine, me
         assert got == hf_greedy(merged[lang], prompt, 40)[: len(got)]
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
-async def test_requests_arriving_leaving_and_aborting_at_random_all_equal_their_merges(demo, merged, seed):
-    engine = await started(demo.resident, demo.packs, max_batch_size=6)  # full batches: requests wait too
+@pytest.mark.parametrize("seed,max_prefill_tokens", [(0, 8192), (1, 8192), (2, 16), (3, 16)])
+async def test_requests_arriving_leaving_and_aborting_at_random_all_equal_their_merges(
+    demo, merged, seed, max_prefill_tokens
+):
+    engine = await started(  # full batches, so requests wait too; 16: prompts prefill in chunks
+        demo.resident, demo.packs, max_batch_size=6, max_prefill_tokens=max_prefill_tokens
+    )
     try:
         await churn(engine, merged, LANGUAGES, seed)
         await until(lambda: engine.stats().running == 0)
         assert engine.stats().kv_tokens_used == 0 and engine.stats().waiting == 0
+    finally:
+        await engine.shutdown()
+
+
+async def test_a_long_prompt_is_prefilled_in_chunks_between_decode_steps(demo, merged):
+    engine = await started(demo.resident, demo.packs, max_prefill_tokens=16)
+    try:
+        params = SamplingParams(max_tokens=60, temperature=0.0, ignore_eos=True)
+        short = chat_ids(engine, "short")
+        stream = engine.generate(GenerationRequest("short", short, params, "sw"))
+        first = await stream.__anext__()
+        long_prompt = chat_ids(engine, "a long question, " * 20)
+        long = asyncio.ensure_future(greedy(engine, "long", "te", long_prompt, 8))
+        decoded = len(first.choices[0].token_ids)
+        while not long.done():
+            decoded += sum(len(c.token_ids) for c in (await stream.__anext__()).choices)
+        assert decoded > len(long_prompt) // 16  # one decode step for every chunk of the prompt
+        assert await long == hf_greedy(merged["te"], long_prompt, 8)
+        await stream.aclose()
     finally:
         await engine.shutdown()
 

@@ -98,7 +98,7 @@ def test_logits_match_transformers(ckpt_path, case, dtype, device):
         torch.tensor([T_LONG, T_LONG], device=device),
         torch.tensor([2, 0], device=device),
     )
-    last = ours.prefill(tokens, lengths, slots, cache, [Group(0, 2)])
+    last = ours.prefill(tokens, torch.zeros_like(lengths), lengths, slots, cache, [Group(0, 2)])
     assert (last - ref[:, -1]).abs().max().item() <= TOL[dtype]
 
     if case == "llama3_rope":  # the check has teeth: without the llama3 scaling the logits move
@@ -113,21 +113,35 @@ def test_logits_match_transformers(ckpt_path, case, dtype, device):
 
 
 def _greedy_prefill_decode(
-    model: Transformer, prompts: list[list[int]], steps: int, slots: list[int], groups=None
+    model: Transformer, prompts: list[list[int]], steps: int, slots: list[int], groups=None, chunks=None
 ):
     """Prefill right-padded prompts into `slots`, compact to slots [0, B), decode greedily.
 
+    With `chunks`, row b is prefilled chunks[b] tokens per call, rows leaving as they finish.
     Returns per row the full token sequence and the logits of every step ([steps + 1, V])."""
     B, T, dev = len(prompts), max(map(len, prompts)), model.device
     groups = groups or [Group(0, B)]
-    tokens = torch.full((B, T), PAD_ID)
-    for b, p in enumerate(prompts):
-        tokens[b, : len(p)] = torch.tensor(p)
     lengths = torch.tensor([len(p) for p in prompts], device=dev)
     cache = KVCache(model.args, num_slots=B + 1, max_len=T + steps, device=dev, dtype=model.dtype)
-    logits = [
-        model.prefill(tokens.to(dev), lengths, torch.tensor(slots, device=dev), cache, groups)
-    ]
+    chunks = chunks or [T] * B
+    done, last = [0] * B, [None] * B
+    while rows := [b for b in range(B) if done[b] < len(prompts[b])]:
+        sizes = [min(chunks[b], len(prompts[b]) - done[b]) for b in rows]
+        tokens = torch.full((len(rows), max(sizes)), PAD_ID)
+        for row, (b, size) in enumerate(zip(rows, sizes, strict=True)):
+            tokens[row, :size] = torch.tensor(prompts[b][done[b] : done[b] + size])
+        out = model.prefill(
+            tokens.to(dev),
+            torch.tensor([done[b] for b in rows], device=dev),
+            torch.tensor(sizes, device=dev),
+            torch.tensor([slots[b] for b in rows], device=dev),
+            cache,
+            groups if len(rows) == B else [Group(0, len(rows))],
+        )
+        for row, (b, size) in enumerate(zip(rows, sizes, strict=True)):
+            done[b] += size
+            last[b] = out[row]
+    logits = [torch.stack(last)]
     cache.move(slots, list(range(B)), T)  # a permutation with overlapping src/dst
     seqs = [list(p) for p in prompts]
     positions = lengths.clone()
@@ -171,6 +185,18 @@ def test_prefill_then_decode_matches_transformers(ckpt_path, case, dtype, device
         diff = (logits[b] - want).abs().max().item()
         print(f"{case} {dtype} {device} row {b}: prefill+decode max |diff| {diff:.3g}")
         assert diff <= TOL[dtype]
+
+
+@pytest.mark.parametrize("case", ["llama3_rope", "gqa", "qwen2"])
+def test_a_prompt_prefilled_in_chunks_continues_like_one_prefilled_at_once(ckpt_path, case):
+    """Rows at different offsets in one call: each chunk attends to its slot's cached prefix."""
+    ours = Transformer.from_checkpoint(Checkpoint(ckpt_path(case)), "cpu", torch.float32)
+    gen = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(0, 256, (n,), generator=gen).tolist() for n in (5, 70, 33)]
+    whole_seqs, whole = _greedy_prefill_decode(ours, prompts, 5, slots=[2, 0, 1])
+    split_seqs, split = _greedy_prefill_decode(ours, prompts, 5, slots=[2, 0, 1], chunks=[2, 16, 9])
+    assert split_seqs == whole_seqs
+    assert (split - whole).abs().max().item() <= TOL[torch.float32]
 
 
 @pytest.fixture(scope="module")
@@ -257,7 +283,7 @@ def test_adjacent_groups_on_the_same_weights_run_together(tiny_family, monkeypat
     cache = KVCache(resident.args, 4, 16, "cpu", torch.float32)
     tokens = torch.randint(0, 256, (4, 6))
     groups = [Group(0, 1, overrides), Group(1, 3, dict(overrides)), Group(3, 4)]
-    resident.prefill(tokens, torch.full((4,), 6), torch.arange(4), cache, groups)
+    resident.prefill(tokens, torch.zeros(4, dtype=torch.long), torch.full((4,), 6), torch.arange(4), cache, groups)
     assert calls == [3, 1, 3, 1, 4, 3, 1]
     with pytest.raises(ValueError, match="cover"):
         resident.decode(tokens[:, 0], torch.full((4,), 6), cache, [Group(0, 2), Group(3, 4)])

@@ -57,7 +57,7 @@ class NativeEngineConfig:
     dtype: str = "auto"
     max_batch_size: int = 32
     max_model_len: int = 4096
-    max_prefill_tokens: int = 8192
+    max_prefill_tokens: int = 2048
     max_waiting: int = 1024
     pack_memory: int = 4 << 30
     host_pack_memory: int = 16 << 30
@@ -205,7 +205,7 @@ class NativeEngine(Engine):
 
     def stats(self) -> EngineStats:
         """A snapshot read from the asyncio side; counts may be one step stale."""
-        running = list(self.scheduler.running) if self._ready else []
+        running = [*self.scheduler.running, *self.scheduler.prefilling] if self._ready else []
         by_language: dict[str, int] = {}
         for state in list(self._requests.values()):
             if state.queued:
@@ -241,7 +241,7 @@ class NativeEngine(Engine):
 
     def _fail_batch(self, err: EngineError) -> None:
         """Every request with a sequence in the batch fails; its cache slots and packs are freed."""
-        ids = {seq.request.request_id for seq in self.scheduler.running}
+        ids = {seq.request.request_id for seq in (*self.scheduler.running, *self.scheduler.prefilling)}
         for request_id in ids:
             state = self._requests.get(request_id)
             if state is not None and not state.done:
@@ -284,36 +284,40 @@ class NativeEngine(Engine):
 
     def _step(self) -> bool:
         self._regroup()  # close the holes finished sequences left before new ones take slots
-        admitted, failed = self.scheduler.admit()
+        chunks, failed = self.scheduler.admit()
         for seq, err in failed:
             state = self._requests.get(seq.request.request_id)
             if state is not None and not state.done:
                 self._fail_request(state, err)
-        if admitted:
-            self._prefill(admitted)
+        if chunks:
+            self._prefill(chunks)
         if not self.scheduler.running:
-            return bool(admitted)
+            return bool(chunks)
         self._decode()
         return True
 
-    def _prefill(self, sequences: list[Sequence]) -> None:
-        sequences.sort(key=lambda s: (s.language, s.arrival))
-        width = max(len(s.prompt) for s in sequences)
-        tokens = torch.zeros(len(sequences), width, dtype=torch.long)
-        for row, seq in enumerate(sequences):
-            tokens[row, : len(seq.prompt)] = torch.tensor(seq.prompt)
-        lengths = torch.tensor([len(s.prompt) for s in sequences])
-        slots = torch.tensor([s.slot for s in sequences])
+    def _prefill(self, chunks: list[tuple[Sequence, int]]) -> None:
+        """Cache the next `size` prompt tokens of each sequence; those done start decoding."""
+        chunks.sort(key=lambda chunk: (chunk[0].language, chunk[0].arrival))
+        sequences = [seq for seq, _ in chunks]
+        tokens = torch.zeros(len(chunks), max(size for _, size in chunks), dtype=torch.long)
+        for row, (seq, size) in enumerate(chunks):
+            tokens[row, :size] = torch.tensor(seq.prompt[seq.cached : seq.cached + size])
+        starts = torch.tensor([seq.cached for seq in sequences])
+        sizes = torch.tensor([size for _, size in chunks])
+        slots = torch.tensor([seq.slot for seq in sequences])
         logits = self._model.prefill(
-            tokens.to(self.device), lengths.to(self.device), slots.to(self.device),
-            self._cache, self.scheduler.groups(sequences),
+            tokens.to(self.device), starts.to(self.device), sizes.to(self.device),
+            slots.to(self.device), self._cache, self.scheduler.groups(sequences),
         )
-        for seq in sequences:
-            seq.cached = len(seq.prompt)
-        for seq in sequences:
+        for seq, size in chunks:
+            seq.cached += size
             self._dequeue(self._requests.get(seq.request.request_id))
-        self.scheduler.join(sequences)
-        self._accept(sequences, logits)
+        rows = [row for row, seq in enumerate(sequences) if seq.cached == len(seq.prompt)]
+        if rows:
+            done = [sequences[row] for row in rows]
+            self.scheduler.join(done)
+            self._accept(done, logits[rows])
 
     def _dequeue(self, state: RequestState | None) -> None:
         """The request stops counting against max_waiting (first sequence started, or gone)."""
@@ -337,7 +341,7 @@ class NativeEngine(Engine):
     def _regroup(self) -> None:
         src, dst = self.scheduler.regroup()
         if src:
-            longest = max(s.cached for s in self.scheduler.running)
+            longest = max(s.cached for s in (*self.scheduler.running, *self.scheduler.prefilling))
             self._cache.move(src, dst, longest)
 
     def _accept(self, sequences: list[Sequence], logits: torch.Tensor) -> None:

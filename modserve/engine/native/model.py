@@ -398,30 +398,52 @@ class Transformer:
 
     @torch.inference_mode()
     def prefill(
-        self, tokens: Tensor, lengths: Tensor, slots: Tensor, cache: KVCache, groups: list[Group]
+        self,
+        tokens: Tensor,
+        starts: Tensor,
+        lengths: Tensor,
+        slots: Tensor,
+        cache: KVCache,
+        groups: list[Group],
     ) -> Tensor:
-        """tokens [B, T] right-padded, lengths [B], slots [B] -> float32 logits [B, V] at lengths-1.
+        """tokens [B, T] right-padded prompt chunks, starts [B] (tokens of row b already in cache
+        slot slots[b]), lengths [B] -> float32 logits [B, V] after each row's last chunk token.
 
-        Writes row b's K/V into cache slot slots[b], positions [0, T) (pad positions hold junk
-        that decode masks out and overwrites). Right padding needs only the causal mask.
+        A first chunk (every start 0) writes positions [0, T) and needs only the causal mask
+        (pad positions hold junk that later steps mask out and overwrite). A later chunk
+        writes its real tokens at starts[b] + t and attends to the slot's whole cached prefix.
         """
         B, T = tokens.shape
-        if T > cache.max_len:
+        ends = starts + lengths
+        L, first_chunk = int(ends.max()), not bool(starts.any())  # host syncs, once a prefill
+        if L > cache.max_len:
             raise ModserveError(
-                f"prompt of {T} tokens does not fit the KV cache (max_len {cache.max_len})"
+                f"prompt of {L} tokens does not fit the KV cache (max_len {cache.max_len})"
             )
-        positions = torch.arange(T, device=tokens.device).expand(B, T)
+        positions = starts[:, None] + torch.arange(T, device=tokens.device)  # [B, T]
+        if not first_chunk:
+            real = positions < ends[:, None]  # [B, T]
+            keep = torch.arange(L, device=tokens.device) <= positions[..., None]  # [B, T, L]
 
         def attend(i: int) -> Attend:
             def fn(q, k, v, rows):
-                cache.k[i][slots[rows], :, :T] = k
-                cache.v[i][slots[rows], :, :T] = v
-                return self._causal(q, k, v)
+                if first_chunk:
+                    cache.k[i][slots[rows], :, :T] = k
+                    cache.v[i][slots[rows], :, :T] = v
+                    return self._causal(q, k, v)
+                at = slots[rows, None].expand(-1, T)[real[rows]]  # [N] slots of the real tokens
+                pos = positions[rows][real[rows]]  # [N]
+                cache.k[i][at, :, pos] = k.transpose(1, 2)[real[rows]]  # [N, K, d]
+                cache.v[i][at, :, pos] = v.transpose(1, 2)[real[rows]]
+                keys, values = cache.k[i][slots[rows], :, :L], cache.v[i][slots[rows], :, :L]
+                return F.scaled_dot_product_attention(
+                    q, keys, values, attn_mask=keep[rows, None], enable_gqa=q.shape[1] != k.shape[1]
+                )  # [n, H, T, d]
 
             return fn
 
         h = self._forward(tokens, positions, groups, attend)  # [B, T, D]
-        last = h[torch.arange(B, device=h.device), lengths.to(h.device) - 1]  # [B, D]
+        last = h[torch.arange(B, device=h.device), lengths - 1]  # [B, D]
         return self._head(last, groups)
 
     @torch.inference_mode()

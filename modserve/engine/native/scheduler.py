@@ -1,9 +1,11 @@
-"""Continuous batching over language groups.
+"""Continuous batching over language groups, with chunked prefill.
 
-Running sequences sit in KV-cache slots 0..B-1, ordered by language group, so a
+Decoding sequences sit in KV-cache slots 0..R-1, ordered by language group, so a
 decode step reads the cache through slices and runs each swapped layer once per
-group on a contiguous run of rows. The order is restored only when the batch
-changes, by moving the few sequences that are out of place.
+group on a contiguous run of rows; sequences still prefilling follow in R..R+P-1.
+The order is restored only when the batch changes, by moving the few sequences
+that are out of place. A step prefills at most `max_prefill_tokens` prompt tokens,
+so one long prompt cannot stall every running request for its whole length.
 """
 
 from __future__ import annotations
@@ -50,20 +52,29 @@ class Scheduler:
         self.max_batch_size = max_batch_size
         self.max_prefill_tokens = max_prefill_tokens
         self.waiting: deque[Sequence] = deque()
-        self.running: list[Sequence] = []  # row i is cache slot i
+        self.running: list[Sequence] = []  # decoding; row i is cache slot i
+        self.prefilling: list[Sequence] = []  # holding a slot, part of the prompt cached
 
-    def admit(self) -> tuple[list[Sequence], list[tuple[Sequence, PackUnavailableError]]]:
-        """Waiting sequences that fit now (free slot, pack on device), and those whose pack failed.
+    def admit(self) -> tuple[list[tuple[Sequence, int]], list[tuple[Sequence, PackUnavailableError]]]:
+        """This step's prefill chunks (sequence, prompt tokens), and the sequences whose pack failed.
 
-        A sequence whose pack is still loading stays waiting without holding up other languages.
+        Sequences already prefilling go first; waiting ones then take free slots (their pack
+        on device) while the token budget lasts. A sequence whose pack is still loading stays
+        waiting without holding up other languages. Call only when the slots are compact.
         """
-        admitted, failed, kept = [], [], deque()
         budget = self.max_prefill_tokens
-        free_slot = len(self.running)
+        chunks = []
+        for seq in sorted(self.prefilling, key=lambda s: s.arrival):
+            if budget == 0:
+                break
+            size = min(len(seq.prompt) - seq.cached, budget)
+            chunks.append((seq, size))
+            budget -= size
+        failed, kept = [], deque()
+        free_slot = len(self.running) + len(self.prefilling)
         while self.waiting:
             seq = self.waiting.popleft()
-            room = free_slot < self.max_batch_size and (not admitted or len(seq.prompt) <= budget)
-            if not room:
+            if free_slot >= self.max_batch_size or budget == 0:
                 kept.append(seq)
                 continue
             try:
@@ -76,19 +87,23 @@ class Scheduler:
                 continue
             seq.pack, seq.slot = pack, free_slot
             free_slot += 1
-            budget -= len(seq.prompt)
-            admitted.append(seq)
+            size = min(len(seq.prompt), budget)
+            budget -= size
+            self.prefilling.append(seq)
+            chunks.append((seq, size))
         self.waiting = kept
-        return admitted, failed
+        return chunks, failed
 
     def join(self, sequences: list[Sequence]) -> None:
-        """Prefilled sequences (in slots after the running ones) become part of the batch."""
-        self.running.extend(sequences)
+        """Fully prefilled sequences start decoding (the next regroup puts them in place)."""
+        for seq in sequences:
+            self.prefilling.remove(seq)
+            self.running.append(seq)
 
     def leave(self, seq: Sequence) -> None:
         """Drop a finished or aborted sequence from the batch or the queue; unpin its pack."""
-        if seq in self.running:
-            self.running.remove(seq)
+        if seq in self.running or seq in self.prefilling:
+            (self.running if seq in self.running else self.prefilling).remove(seq)
             if seq.pack is not None:
                 self.pool.release(seq.language)
                 seq.pack = None
@@ -96,26 +111,29 @@ class Scheduler:
             self.waiting.remove(seq)
 
     def regroup(self) -> tuple[list[int], list[int]]:
-        """Restore slots 0..B-1 in group order; return the (src, dst) slot moves to apply to the cache.
+        """Restore the slot layout; return the (src, dst) slot moves to apply to the cache.
 
-        Each group gets a contiguous range; members already inside it stay put, the rest
-        fill its holes — so one sequence leaving moves at most one sequence per group.
+        Each language group of `running` gets a contiguous range, in language order, and
+        `prefilling` the range after them; members already inside their range stay put, the
+        rest fill its holes — so one sequence leaving moves at most one sequence per range.
         """
-        order = sorted({seq.language for seq in self.running})
-        members = {lang: [s for s in self.running if s.language == lang] for lang in order}
+        languages = sorted({seq.language for seq in self.running})
+        ranges = [[s for s in self.running if s.language == lang] for lang in languages]
+        ranges.append(self.prefilling)
         src, dst, offset = [], [], 0
-        for lang in order:
-            target = range(offset, offset + len(members[lang]))
-            settled = {s.slot for s in members[lang] if s.slot in target}
+        for members in ranges:
+            target = range(offset, offset + len(members))
+            settled = {s.slot for s in members if s.slot in target}
             holes = iter(slot for slot in target if slot not in settled)
-            for seq in sorted(members[lang], key=lambda s: s.arrival):
+            for seq in sorted(members, key=lambda s: s.arrival):
                 if seq.slot not in settled:
                     new = next(holes)
                     src.append(seq.slot)
                     dst.append(new)
                     seq.slot = new
-            offset += len(members[lang])
+            offset += len(members)
         self.running.sort(key=lambda s: s.slot)
+        self.prefilling.sort(key=lambda s: s.slot)
         return src, dst
 
     def groups(self, sequences: list[Sequence]) -> list[Group]:
