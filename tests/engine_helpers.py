@@ -7,7 +7,7 @@ import random
 
 from modserve.engine.base import GenerationRequest, SamplingParams
 from modserve.engine.loading import chat_token_ids
-from tests.oracle import hf_greedy
+from tests.oracle import hf_greedy, hf_logprobs
 
 
 class RecordingObserver:
@@ -45,15 +45,19 @@ async def until(condition, timeout: float = 5.0) -> None:
 
 async def collect(engine, request: GenerationRequest) -> dict:
     """Token ids and text per choice, the finish reasons, and the last usage."""
-    tokens, text, reasons, last = {}, {}, {}, None
+    tokens, text, reasons, logprobs, last = {}, {}, {}, {}, None
     async for out in engine.generate(request):
         for c in out.choices:
             tokens.setdefault(c.index, []).extend(c.token_ids)
+            logprobs.setdefault(c.index, []).extend(c.logprobs or [])
             text[c.index] = text.get(c.index, "") + c.text
             if c.finish_reason:
                 reasons[c.index] = c.finish_reason
         last = out
-    return {"tokens": tokens, "text": text, "reasons": reasons, "usage": (last.prompt_tokens, last.completion_tokens)}
+    return {
+        "tokens": tokens, "text": text, "reasons": reasons, "logprobs": logprobs,
+        "usage": (last.prompt_tokens, last.completion_tokens),
+    }
 
 
 async def greedy(engine, rid: str, language: str, prompt: list[int], max_tokens: int = 20) -> list[int]:
@@ -86,3 +90,26 @@ async def churn(engine, oracle: dict, languages: list[str], seed: int, count: in
         if done is not None:
             language, prompt, max_tokens, got = done
             assert got and got == hf_greedy(oracle[language], prompt, max_tokens)[: len(got)], (language, prompt)
+
+
+async def assert_logprobs_are_the_merged_models(engine, oracle: dict, language: str) -> None:
+    """Greedy and sampled: each token's log-probability and its top k are transformers'
+    log-softmax on the merged checkpoint at that position (raw logits, not the sampling ones)."""
+    prompt = chat_ids(engine, f"log-probabilities in {language}")
+    for k, params in enumerate([
+        SamplingParams(max_tokens=8, temperature=0.0, logprobs=3),
+        SamplingParams(max_tokens=8, temperature=0.8, seed=5, logprobs=0, ignore_eos=True),
+    ]):
+        got = await collect(engine, GenerationRequest(f"logprobs-{language}-{k}", prompt, params, language))
+        tokens, logprobs = got["tokens"][0], got["logprobs"][0]
+        assert [lp.token_id for lp in logprobs] == tokens
+        ref = hf_logprobs(oracle[language], prompt, tokens)
+        for step, lp in enumerate(logprobs):
+            assert abs(lp.logprob - ref[step, lp.token_id].item()) < 1e-3
+            assert len(lp.top) == params.logprobs
+            kth = ref[step].topk(params.logprobs).values[-1].item() if params.logprobs else 0.0
+            for token, value in lp.top:
+                assert abs(value - ref[step, token].item()) < 1e-3 and value >= kth - 1e-3
+            assert [v for _, v in lp.top] == sorted((v for _, v in lp.top), reverse=True)
+        if params.greedy:
+            assert all(lp.top[0][0] == lp.token_id for lp in logprobs)

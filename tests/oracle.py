@@ -24,6 +24,13 @@ def hf_greedy(path: Path, prompt_ids: list[int], max_new_tokens: int) -> list[in
     return out[0, len(prompt_ids) :].tolist()
 
 
+def hf_logprobs(path: Path, prompt_ids: list[int], generated: list[int]) -> torch.Tensor:
+    """float32 log-probabilities [len(generated), vocab] of the positions that chose `generated`."""
+    with torch.inference_mode():
+        logits = hf_model(Path(path))(torch.tensor([prompt_ids + generated])).logits[0].float()
+    return torch.log_softmax(logits[len(prompt_ids) - 1 : -1], dim=-1)
+
+
 def stop_string_in(text: str) -> tuple[str, int]:
     """A two-character stop string first found past the start of `text`, and where it is.
 

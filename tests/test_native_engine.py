@@ -20,7 +20,15 @@ from modserve.engine.native.engine import NativeEngine, NativeEngineConfig
 from modserve.packs.build import BuildJob, build_packs
 from modserve.packs.merge import merge_pack
 from modserve.packs.plan import Plan
-from tests.engine_helpers import RecordingObserver, chat_ids, churn, collect, greedy, until
+from tests.engine_helpers import (
+    RecordingObserver,
+    assert_logprobs_are_the_merged_models,
+    chat_ids,
+    churn,
+    collect,
+    greedy,
+    until,
+)
 from tests.oracle import hf_greedy, stop_string_in
 
 LANGUAGES = ["sw", "te", "bn", "ja", "resident"]
@@ -110,6 +118,11 @@ async def test_a_long_prompt_is_prefilled_in_chunks_between_decode_steps(demo, m
         await stream.aclose()
     finally:
         await engine.shutdown()
+
+
+@pytest.mark.parametrize("language", ["te", "resident"])
+async def test_logprobs_are_the_merged_models_log_probabilities(engine, merged, language):
+    await assert_logprobs_are_the_merged_models(engine, merged, language)
 
 
 async def test_one_decode_step_holds_several_languages(demo):

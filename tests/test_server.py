@@ -18,7 +18,7 @@ from openai.types.chat import ChatCompletion as OpenAIChatCompletion
 from openai.types.chat import ChatCompletionChunk as OpenAIChatCompletionChunk
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.oracle import hf_greedy, stop_string_in
+from tests.oracle import hf_greedy, hf_logprobs, stop_string_in
 from tests.serving import demo_config, free_port, running_server
 
 SWAHILI = "Bata wa Janet hutaga mayai 16 kila siku. Huwa anauza yaliyosalia sokoni. Anapata dola ngapi?"
@@ -157,6 +157,36 @@ def test_sampling_with_a_seed_is_reproducible_and_stop_cuts_the_text(client):
     assert cut.choices[0].finish_reason == "stop"
 
 
+def test_logprobs_are_the_merged_models_in_both_openai_shapes(client, server, merged):
+    tokenizer = server.engine.tokenizer
+    messages = [{"role": "user", "content": "Hesabu 3 + 4"}]
+    prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True)["input_ids"]
+    tokens = hf_greedy(merged["sw"], prompt, 6)
+    ref = hf_logprobs(merged["sw"], prompt, tokens)
+    kwargs = dict(model="modserve:sw", messages=messages, max_tokens=6, temperature=0, logprobs=True, top_logprobs=2)
+
+    entries = client.chat.completions.create(**kwargs).choices[0].logprobs.content
+    assert [e.token for e in entries] == [tokenizer.decode([t]) for t in tokens]
+    assert all(abs(e.logprob - ref[i, t].item()) < 1e-3 for i, (e, t) in enumerate(zip(entries, tokens, strict=True)))
+    assert all(e.bytes == list(e.token.encode()) for e in entries)
+    assert all(len(e.top_logprobs) == 2 and e.top_logprobs[0].logprob == e.logprob for e in entries)  # greedy
+
+    streamed = [
+        e for chunk in client.chat.completions.create(**kwargs, stream=True)
+        if chunk.choices and chunk.choices[0].logprobs for e in chunk.choices[0].logprobs.content
+    ]
+    assert [(e.token, round(e.logprob, 4)) for e in streamed] == [(e.token, round(e.logprob, 4)) for e in entries]
+
+    legacy = client.completions.create(model="modserve:sw", prompt=prompt, max_tokens=6, temperature=0, logprobs=2)
+    OpenAICompletion.model_validate(legacy.model_dump())
+    shaped = legacy.choices[0].logprobs
+    assert shaped.tokens == [e.token for e in entries]
+    assert shaped.token_logprobs == pytest.approx([e.logprob for e in entries], abs=1e-4)
+    assert shaped.text_offset == [sum(len(e.token) for e in entries[:i]) for i in range(len(entries))]
+    assert all(1 <= len(top) <= 2 for top in shaped.top_logprobs)
+    assert client.chat.completions.create(**{**kwargs, "logprobs": None, "top_logprobs": None}).choices[0].logprobs is None
+
+
 # --- errors: OpenAI's shape, the right status, the SDK's exception class --------------------
 
 
@@ -176,7 +206,14 @@ def test_bad_requests_are_400_naming_the_field(client, server):
         client.chat.completions.create(model="modserve", messages=[{"role": "user", "content": "x"}], extra_body={"language": "xx"})
     assert err.value.body["param"] == "language"
     with pytest.raises(openai.BadRequestError) as err:
-        client.chat.completions.create(model="modserve", messages=[{"role": "user", "content": "x"}], logprobs=True)
+        client.chat.completions.create(model="modserve", messages=[{"role": "user", "content": "x"}], presence_penalty=0.5)
+    assert err.value.body["param"] == "presence_penalty"
+    for extra in ({"top_logprobs": 2}, {"logprobs": True, "top_logprobs": 21}):
+        with pytest.raises(openai.BadRequestError) as err:
+            client.chat.completions.create(model="modserve", messages=[{"role": "user", "content": "x"}], **extra)
+        assert err.value.body["param"] == "top_logprobs"
+    with pytest.raises(openai.BadRequestError) as err:
+        client.completions.create(model="modserve", prompt="x", logprobs=1, echo=True)
     assert err.value.body["param"] == "logprobs"
 
 

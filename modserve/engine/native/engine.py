@@ -40,7 +40,7 @@ from modserve.engine.loading import (
 from modserve.engine.native.cache import KVCache
 from modserve.engine.native.model import Transformer
 from modserve.engine.native.pool import PackPool
-from modserve.engine.native.sampling import make_generator, sample
+from modserve.engine.native.sampling import make_generator, sample, token_logprobs
 from modserve.engine.native.scheduler import Scheduler, Sequence
 from modserve.engine.text import TextStream
 from modserve.errors import ModserveError
@@ -348,13 +348,15 @@ class NativeEngine(Engine):
         """Sample one token per row, stream it out, retire finished sequences."""
         params = [s.request.params for s in sequences]
         new_tokens = sample(logits, params, [s.generator for s in sequences])
+        logprobs = token_logprobs(logits, params, new_tokens)
         deltas: dict[str, list[ChoiceDelta]] = {}
-        for seq, token in zip(sequences, new_tokens, strict=True):
+        for seq, token, logprob in zip(sequences, new_tokens, logprobs, strict=True):
             if seq.finish_reason is not None:  # aborted while in the batch
                 continue
             seq.token_ids.append(token)
             text, reason = self._advance(seq, token)
-            deltas.setdefault(seq.request.request_id, []).append(ChoiceDelta(seq.index, text, [token], reason))
+            delta = ChoiceDelta(seq.index, text, [token], reason, None if logprob is None else [logprob])
+            deltas.setdefault(seq.request.request_id, []).append(delta)
             if reason is not None:
                 seq.finish_reason = reason
                 self.scheduler.leave(seq)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from modserve.engine.base import SamplingParams
+from modserve.engine.base import SamplingParams, TokenLogprob
 
 
 def make_generator(params: SamplingParams, choice: int, device: torch.device) -> torch.Generator | None:
@@ -43,3 +43,21 @@ def sample(
         probs = torch.softmax(row_logits, dim=-1)
         tokens[row] = torch.multinomial(probs, 1, generator=generators[row])[0]
     return tokens.tolist()
+
+
+def token_logprobs(
+    logits: torch.Tensor, params: list[SamplingParams], tokens: list[int]
+) -> list[TokenLogprob | None]:
+    """Per row that asked for them, the chosen token's log-probability and the top k."""
+    rows = [row for row, p in enumerate(params) if p.logprobs is not None]
+    if not rows:
+        return [None] * len(params)
+    logprobs = torch.log_softmax(logits[rows], dim=-1)  # [R, vocab] float32
+    values, ids = torch.topk(logprobs, max(params[row].logprobs for row in rows))  # k may be 0
+    top_values, top_ids = values.tolist(), ids.tolist()
+    chosen = logprobs[torch.arange(len(rows)), torch.tensor([tokens[row] for row in rows])].tolist()
+    out: list[TokenLogprob | None] = [None] * len(params)
+    for i, row in enumerate(rows):
+        top = tuple(zip(top_ids[i], top_values[i], strict=True))[: params[row].logprobs]
+        out[row] = TokenLogprob(tokens[row], chosen[i], top)
+    return out
