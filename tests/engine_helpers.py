@@ -7,7 +7,7 @@ import random
 
 from modserve.engine.base import GenerationRequest, SamplingParams
 from modserve.engine.loading import chat_token_ids
-from tests.oracle import hf_greedy, hf_logprobs
+from tests.oracle import hf_adjusted_greedy, hf_greedy, hf_logprobs
 
 
 class RecordingObserver:
@@ -113,3 +113,24 @@ async def assert_logprobs_are_the_merged_models(engine, oracle: dict, language: 
             assert [v for _, v in lp.top] == sorted((v for _, v in lp.top), reverse=True)
         if params.greedy:
             assert all(lp.top[0][0] == lp.token_id for lp in logprobs)
+
+
+PENALTY_CASES = [
+    {"presence_penalty": 2.0},
+    {"frequency_penalty": 1.5},
+    {"repetition_penalty": 3.0},
+    {"logit_bias": ((65, 30.0), (66, -30.0))},
+    {"presence_penalty": 0.5, "frequency_penalty": 1.0, "repetition_penalty": 1.5, "logit_bias": ((70, 4.0),)},
+]
+
+
+async def assert_penalties_and_logit_bias_steer_like_the_oracle(engine, oracle: dict, language: str) -> None:
+    """Each adjustment changes the greedy tokens, and exactly as the step-by-step oracle says."""
+    prompt = chat_ids(engine, "Say it 0 times: again and again")  # every case changes te's and resident's tokens
+    plain = hf_adjusted_greedy(oracle[language], prompt, 16)
+    for k, case in enumerate(PENALTY_CASES):
+        params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True, **case)
+        got = (await collect(engine, GenerationRequest(f"penalty-{language}-{k}", prompt, params, language)))["tokens"][0]
+        want = hf_adjusted_greedy(oracle[language], prompt, 16, **case)
+        assert want != plain, f"{case} does not change this prompt's tokens: pick a stronger case"
+        assert got == want, case

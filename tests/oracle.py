@@ -24,6 +24,33 @@ def hf_greedy(path: Path, prompt_ids: list[int], max_new_tokens: int) -> list[in
     return out[0, len(prompt_ids) :].tolist()
 
 
+def hf_adjusted_greedy(
+    path: Path,
+    prompt_ids: list[int],
+    max_new_tokens: int,
+    presence_penalty: float = 0.0,
+    frequency_penalty: float = 0.0,
+    repetition_penalty: float = 1.0,
+    logit_bias: tuple[tuple[int, float], ...] = (),
+) -> list[int]:
+    """Greedy, step by step without a cache or EOS, in vLLM's order: logit_bias, repetition
+    (transformers' own processor), then OpenAI's frequency and presence penalties."""
+    from transformers import RepetitionPenaltyLogitsProcessor
+
+    out: list[int] = []
+    with torch.inference_mode():
+        for _ in range(max_new_tokens):
+            ids = torch.tensor([prompt_ids + out])
+            logits = hf_model(Path(path))(ids).logits[:, -1].float()  # [1, V]
+            for token, bias in logit_bias:
+                logits[0, token] += bias
+            logits = RepetitionPenaltyLogitsProcessor(repetition_penalty)(ids, logits)
+            for token in set(out):
+                logits[0, token] -= frequency_penalty * out.count(token) + presence_penalty
+            out.append(int(logits.argmax()))
+    return out
+
+
 def hf_logprobs(path: Path, prompt_ids: list[int], generated: list[int]) -> torch.Tensor:
     """float32 log-probabilities [len(generated), vocab] of the positions that chose `generated`."""
     with torch.inference_mode():

@@ -23,6 +23,7 @@ from modserve.packs.plan import Plan
 from tests.engine_helpers import (
     RecordingObserver,
     assert_logprobs_are_the_merged_models,
+    assert_penalties_and_logit_bias_steer_like_the_oracle,
     chat_ids,
     churn,
     collect,
@@ -123,6 +124,11 @@ async def test_a_long_prompt_is_prefilled_in_chunks_between_decode_steps(demo, m
 @pytest.mark.parametrize("language", ["te", "resident"])
 async def test_logprobs_are_the_merged_models_log_probabilities(engine, merged, language):
     await assert_logprobs_are_the_merged_models(engine, merged, language)
+
+
+@pytest.mark.parametrize("language", ["te", "resident"])
+async def test_penalties_and_logit_bias_steer_greedy_tokens_like_the_oracle(engine, merged, language):
+    await assert_penalties_and_logit_bias_steer_like_the_oracle(engine, merged, language)
 
 
 async def test_one_decode_step_holds_several_languages(demo):

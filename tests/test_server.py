@@ -18,7 +18,7 @@ from openai.types.chat import ChatCompletion as OpenAIChatCompletion
 from openai.types.chat import ChatCompletionChunk as OpenAIChatCompletionChunk
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.oracle import hf_greedy, hf_logprobs, stop_string_in
+from tests.oracle import hf_adjusted_greedy, hf_greedy, hf_logprobs, stop_string_in
 from tests.serving import demo_config, free_port, running_server
 
 SWAHILI = "Bata wa Janet hutaga mayai 16 kila siku. Huwa anauza yaliyosalia sokoni. Anapata dola ngapi?"
@@ -157,6 +157,22 @@ def test_sampling_with_a_seed_is_reproducible_and_stop_cuts_the_text(client):
     assert cut.choices[0].finish_reason == "stop"
 
 
+def test_penalties_and_logit_bias_steer_like_the_oracle(client, server, merged):
+    tokenizer = server.engine.tokenizer
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Say it 0 times: again and again"}], add_generation_prompt=True
+    )["input_ids"]
+    case = {"presence_penalty": 0.5, "frequency_penalty": 1.0, "repetition_penalty": 1.5, "logit_bias": ((70, 4.0),)}
+    want = tokenizer.decode(hf_adjusted_greedy(merged["te"], prompt, 16, **case), skip_special_tokens=True)
+    got = client.completions.create(
+        model="modserve:te", prompt=prompt, max_tokens=16, temperature=0,
+        presence_penalty=0.5, frequency_penalty=1.0, logit_bias={"70": 4.0},
+        extra_body={"repetition_penalty": 1.5, "ignore_eos": True},
+    )
+    assert got.choices[0].text == want
+    assert want != tokenizer.decode(hf_adjusted_greedy(merged["te"], prompt, 16), skip_special_tokens=True)
+
+
 def test_logprobs_are_the_merged_models_in_both_openai_shapes(client, server, merged):
     tokenizer = server.engine.tokenizer
     messages = [{"role": "user", "content": "Hesabu 3 + 4"}]
@@ -205,9 +221,16 @@ def test_bad_requests_are_400_naming_the_field(client, server):
     with pytest.raises(openai.BadRequestError) as err:
         client.chat.completions.create(model="modserve", messages=[{"role": "user", "content": "x"}], extra_body={"language": "xx"})
     assert err.value.body["param"] == "language"
-    with pytest.raises(openai.BadRequestError) as err:
-        client.chat.completions.create(model="modserve", messages=[{"role": "user", "content": "x"}], presence_penalty=0.5)
-    assert err.value.body["param"] == "presence_penalty"
+    tool = {"type": "function", "function": {"name": "add", "parameters": {"type": "object"}}}
+    for field, extra in [
+        ("tools", {"tools": [tool]}),
+        ("presence_penalty", {"presence_penalty": 2.5}),
+        ("logit_bias", {"logit_bias": {"A": 1.0}}),
+        ("logit_bias", {"logit_bias": {"100000": 1.0}}),
+    ]:
+        with pytest.raises(openai.BadRequestError) as err:
+            client.chat.completions.create(model="modserve", messages=[{"role": "user", "content": "x"}], **extra)
+        assert err.value.body["param"] == field, extra
     for extra in ({"top_logprobs": 2}, {"logprobs": True, "top_logprobs": 21}):
         with pytest.raises(openai.BadRequestError) as err:
             client.chat.completions.create(model="modserve", messages=[{"role": "user", "content": "x"}], **extra)

@@ -33,6 +33,7 @@ from modserve.packs.plan import Plan
 from tests.engine_helpers import (
     RecordingObserver,
     assert_logprobs_are_the_merged_models,
+    assert_penalties_and_logit_bias_steer_like_the_oracle,
     chat_ids,
     churn,
     collect,
@@ -156,6 +157,11 @@ async def test_requests_arriving_leaving_and_aborting_at_random_all_equal_their_
 @pytest.mark.parametrize("language", ["fr", "resident"])
 async def test_logprobs_are_the_merged_models_log_probabilities(engine, oracle, language):
     await assert_logprobs_are_the_merged_models(engine, oracle, language)
+
+
+@pytest.mark.parametrize("language", ["te", "resident"])
+async def test_penalties_and_logit_bias_steer_greedy_tokens_like_the_oracle(engine, oracle, language):
+    await assert_penalties_and_logit_bias_steer_like_the_oracle(engine, oracle, language)
 
 
 # --- language groups ----------------------------------------------------------------------------

@@ -64,6 +64,12 @@ class SamplingParams:
     n: int = 1
     ignore_eos: bool = False
     logprobs: int | None = None  # None: off; k: each token's log-probability and the k likeliest
+    # Applied as vLLM does: logit_bias, then repetition (prompt and output tokens, HF's
+    # definition), then frequency and presence (output tokens, OpenAI's definition).
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
 
     def __post_init__(self) -> None:
         checks = [
@@ -74,6 +80,11 @@ class SamplingParams:
             ("n", 1 <= self.n <= 128, "must be in [1, 128]"),
             ("stop", len(self.stop) <= 16 and all(self.stop), "at most 16 non-empty strings"),
             ("logprobs", self.logprobs is None or 0 <= self.logprobs <= MAX_LOGPROBS, f"must be in [0, {MAX_LOGPROBS}]"),
+            ("presence_penalty", -2.0 <= self.presence_penalty <= 2.0, "must be in [-2, 2]"),
+            ("frequency_penalty", -2.0 <= self.frequency_penalty <= 2.0, "must be in [-2, 2]"),
+            ("repetition_penalty", 0.0 < self.repetition_penalty <= 100.0, "must be in (0, 100]"),
+            ("logit_bias", len(self.logit_bias) <= 300 and all(-100.0 <= b <= 100.0 for _, b in self.logit_bias),
+             "at most 300 tokens, biases in [-100, 100]"),
         ]
         for param, ok, why in checks:
             if not ok:
@@ -82,6 +93,10 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0 or self.top_k == 1
+
+    @property
+    def adjusts_logits(self) -> bool:
+        return bool(self.logit_bias) or (self.presence_penalty, self.frequency_penalty, self.repetition_penalty) != (0.0, 0.0, 1.0)
 
 
 @dataclass(frozen=True)
@@ -244,6 +259,8 @@ class Engine(abc.ABC):
         vocab = len(self.tokenizer)
         if any(not 0 <= t < vocab for t in request.prompt_token_ids):
             raise InvalidRequestError(f"prompt token ids must be in [0, {vocab})", param="prompt")
+        if any(not 0 <= t < vocab for t, _ in request.params.logit_bias):
+            raise InvalidRequestError(f"logit_bias token ids must be in [0, {vocab})", param="logit_bias")
         wanted = prompt + (request.params.max_tokens or 1)
         if wanted > self.max_model_len:
             raise PromptTooLongError(

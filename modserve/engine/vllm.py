@@ -198,6 +198,10 @@ def vllm_sampling_params(params: SamplingParams, max_tokens: int):
             ignore_eos=params.ignore_eos,
             max_tokens=max_tokens,
             logprobs=params.logprobs,
+            presence_penalty=params.presence_penalty,
+            frequency_penalty=params.frequency_penalty,
+            repetition_penalty=params.repetition_penalty,
+            logit_bias=dict(params.logit_bias) or None,
             skip_special_tokens=True,
             output_kind=RequestOutputKind.DELTA,
         )

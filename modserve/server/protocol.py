@@ -1,6 +1,6 @@
 """OpenAI API request and response models (the subset modserve serves), in one place.
 
-Fields OpenAI defines that modserve cannot honour (tools, penalties, logit_bias...)
+Fields OpenAI defines that modserve cannot honour (tools, suffix, JSON formats...)
 are accepted in the schema so the error can name them, and refused with a 400.
 Unknown fields are ignored, as OpenAI-compatible servers commonly do.
 """
@@ -54,17 +54,17 @@ class SamplingFields(OpenAIModel):
     stop: str | list[str] | None = None
     seed: int | None = None
     user: str | None = None
-    # Refused when set to anything but their neutral value.
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    logit_bias: dict[str, float] | None = None
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    logit_bias: dict[str, float] | None = None  # token id (as a string) -> bias in [-100, 100]
     # Extensions (vLLM's names where vLLM has them).
     language: str | None = None
     top_k: int | None = Field(None, ge=-1)
+    repetition_penalty: float | None = Field(None, gt=0.0, le=100.0)
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
 
-    unsupported: ClassVar[tuple[str, ...]] = ("presence_penalty", "frequency_penalty", "logit_bias")
+    unsupported: ClassVar[tuple[str, ...]] = ()  # refused unless at their neutral value
 
     def refuse_unsupported(self) -> None:
         for name in self.unsupported:
@@ -85,7 +85,19 @@ class SamplingFields(OpenAIModel):
             n=self.n,
             ignore_eos=self.ignore_eos,
             logprobs=logprobs,
+            presence_penalty=self.presence_penalty or 0.0,
+            frequency_penalty=self.frequency_penalty or 0.0,
+            repetition_penalty=self.repetition_penalty or 1.0,
+            logit_bias=self.token_biases(),
         )
+
+    def token_biases(self) -> tuple[tuple[int, float], ...]:
+        biases = []
+        for token, bias in (self.logit_bias or {}).items():
+            if not token.isdigit():
+                raise InvalidRequestError(f"logit_bias keys must be token ids, got {token!r}", "logit_bias")
+            biases.append((int(token), bias))
+        return tuple(biases)
 
 
 class ChatCompletionRequest(SamplingFields):
@@ -98,7 +110,7 @@ class ChatCompletionRequest(SamplingFields):
     logprobs: bool | None = None
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
 
-    unsupported: ClassVar[tuple[str, ...]] = (*SamplingFields.unsupported, "tools")
+    unsupported: ClassVar[tuple[str, ...]] = ("tools",)
 
     def logprobs_wanted(self) -> int | None:
         """Alternatives per token to report (OpenAI: top_logprobs only with logprobs); None: off."""
@@ -127,7 +139,7 @@ class CompletionRequest(SamplingFields):
     best_of: int | None = None
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
 
-    unsupported: ClassVar[tuple[str, ...]] = (*SamplingFields.unsupported, "suffix")
+    unsupported: ClassVar[tuple[str, ...]] = ("suffix",)
 
     def refuse_unsupported(self) -> None:
         super().refuse_unsupported()

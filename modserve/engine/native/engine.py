@@ -347,7 +347,8 @@ class NativeEngine(Engine):
     def _accept(self, sequences: list[Sequence], logits: torch.Tensor) -> None:
         """Sample one token per row, stream it out, retire finished sequences."""
         params = [s.request.params for s in sequences]
-        new_tokens = sample(logits, params, [s.generator for s in sequences])
+        histories = [(s.prompt, s.token_ids) for s in sequences]
+        new_tokens = sample(logits, params, [s.generator for s in sequences], histories)
         logprobs = token_logprobs(logits, params, new_tokens)
         deltas: dict[str, list[ChoiceDelta]] = {}
         for seq, token, logprob in zip(sequences, new_tokens, logprobs, strict=True):

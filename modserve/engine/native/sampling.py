@@ -1,4 +1,5 @@
-"""Next-token choice per row: greedy, or temperature / top-k / top-p with a per-request seed.
+"""Next-token choice per row: greedy, or temperature / top-k / top-p with a per-request seed,
+after logit_bias and penalties; and the log-probabilities a request asked for.
 
 Each sampled row draws from its own generator, so a seeded request gets the
 same tokens whatever else shares its batch.
@@ -31,15 +32,37 @@ def filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.
     return logits
 
 
+def adjust(logits: torch.Tensor, p: SamplingParams, prompt: list[int], output: list[int]) -> torch.Tensor:
+    """One row's logits after logit_bias and the penalties, in vLLM's order (a new tensor)."""
+    logits = logits.clone()
+    for token, bias in p.logit_bias:
+        logits[token] += bias
+    if p.repetition_penalty != 1.0:
+        seen = torch.tensor(sorted({*prompt, *output}), device=logits.device)
+        values = logits[seen]
+        logits[seen] = torch.where(values > 0, values / p.repetition_penalty, values * p.repetition_penalty)
+    if output and (p.frequency_penalty or p.presence_penalty):
+        counts = torch.bincount(torch.tensor(output, device=logits.device), minlength=logits.shape[-1])
+        logits -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0)
+    return logits
+
+
 def sample(
-    logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]
+    logits: torch.Tensor,
+    params: list[SamplingParams],
+    generators: list[torch.Generator | None],
+    histories: list[tuple[list[int], list[int]]],
 ) -> list[int]:
-    """logits [B, vocab] float32 -> one token id per row."""
+    """logits [B, vocab] float32, (prompt, output so far) per row -> one token id per row."""
     tokens = torch.argmax(logits, dim=-1)
     for row, p in enumerate(params):
-        if p.greedy:
+        if p.greedy and not p.adjusts_logits:
             continue
-        row_logits = filter_top_k_top_p(logits[row] / p.temperature, p.top_k, p.top_p)
+        row_logits = adjust(logits[row], p, *histories[row]) if p.adjusts_logits else logits[row]
+        if p.greedy:
+            tokens[row] = torch.argmax(row_logits)
+            continue
+        row_logits = filter_top_k_top_p(row_logits / p.temperature, p.top_k, p.top_p)
         probs = torch.softmax(row_logits, dim=-1)
         tokens[row] = torch.multinomial(probs, 1, generator=generators[row])[0]
     return tokens.tolist()
