@@ -15,7 +15,6 @@ from modserve.engine.native.cache import KVCache
 from modserve.engine.native.model import Group, LayerWeights, ModelArgs, OuterWeights, Transformer
 from modserve.errors import ModserveError
 from modserve.synthetic import (
-    PAD_ID,
     TinySpec,
     base_weights,
     build_family,
@@ -94,11 +93,7 @@ def test_logits_match_transformers(ckpt_path, case, dtype, device):
     assert diff <= TOL[dtype]
 
     cache = KVCache(ours.args, num_slots=3, max_len=96, device=device, dtype=dtype)
-    lengths, slots = (
-        torch.tensor([T_LONG, T_LONG], device=device),
-        torch.tensor([2, 0], device=device),
-    )
-    last = ours.prefill(tokens, torch.zeros_like(lengths), lengths, slots, cache, [Group(0, 2)])
+    last = ours.prefill(tokens.flatten(), [0, 0], [T_LONG, T_LONG], [2, 0], cache, [Group(0, 2)])
     assert (last - ref[:, -1]).abs().max().item() <= TOL[dtype]
 
     if case == "llama3_rope":  # the check has teeth: without the llama3 scaling the logits move
@@ -127,14 +122,12 @@ def _greedy_prefill_decode(
     done, last = [0] * B, [None] * B
     while rows := [b for b in range(B) if done[b] < len(prompts[b])]:
         sizes = [min(chunks[b], len(prompts[b]) - done[b]) for b in rows]
-        tokens = torch.full((len(rows), max(sizes)), PAD_ID)
-        for row, (b, size) in enumerate(zip(rows, sizes, strict=True)):
-            tokens[row, :size] = torch.tensor(prompts[b][done[b] : done[b] + size])
+        tokens = [t for b, size in zip(rows, sizes, strict=True) for t in prompts[b][done[b] : done[b] + size]]
         out = model.prefill(
-            tokens.to(dev),
-            torch.tensor([done[b] for b in rows], device=dev),
-            torch.tensor(sizes, device=dev),
-            torch.tensor([slots[b] for b in rows], device=dev),
+            torch.tensor(tokens, device=dev),
+            [done[b] for b in rows],
+            sizes,
+            [slots[b] for b in rows],
             cache,
             groups if len(rows) == B else [Group(0, len(rows))],
         )
@@ -240,7 +233,8 @@ def test_mixed_groups_equal_merged_models(tiny_family, tmp_path, with_outer, mon
     )
     per_step = [3 if i in SWAPPED else 1 for i in range(L)]
     assert len(calls) == 5 * sum(per_step)  # prefill + 4 decode steps
-    assert calls[: sum(per_step)] == [2, 2, 1, 2, 2, 1, 5, 2, 2, 1]
+    assert calls[: sum(per_step)] == [13, 19, 10, 13, 19, 10, 42, 13, 19, 10]  # prefill: token rows, no padding
+    assert calls[sum(per_step) : 2 * sum(per_step)] == [2, 2, 1, 2, 2, 1, 5, 2, 2, 1]  # decode: one row each
 
     for b, seq in enumerate(seqs):
         alone = (merged if 2 <= b < 4 else resident).logits_all(torch.tensor([seq]))[0]
@@ -283,8 +277,8 @@ def test_adjacent_groups_on_the_same_weights_run_together(tiny_family, monkeypat
     cache = KVCache(resident.args, 4, 16, "cpu", torch.float32)
     tokens = torch.randint(0, 256, (4, 6))
     groups = [Group(0, 1, overrides), Group(1, 3, dict(overrides)), Group(3, 4)]
-    resident.prefill(tokens, torch.zeros(4, dtype=torch.long), torch.full((4,), 6), torch.arange(4), cache, groups)
-    assert calls == [3, 1, 3, 1, 4, 3, 1]
+    resident.prefill(tokens.flatten(), [0] * 4, [6] * 4, [0, 1, 2, 3], cache, groups)  # 6 token rows each
+    assert calls == [18, 6, 18, 6, 24, 18, 6]
     with pytest.raises(ValueError, match="cover"):
         resident.decode(tokens[:, 0], torch.full((4,), 6), cache, [Group(0, 2), Group(3, 4)])
 

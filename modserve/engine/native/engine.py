@@ -300,15 +300,14 @@ class NativeEngine(Engine):
         """Cache the next `size` prompt tokens of each sequence; those done start decoding."""
         chunks.sort(key=lambda chunk: (chunk[0].language, chunk[0].arrival))
         sequences = [seq for seq, _ in chunks]
-        tokens = torch.zeros(len(chunks), max(size for _, size in chunks), dtype=torch.long)
-        for row, (seq, size) in enumerate(chunks):
-            tokens[row, :size] = torch.tensor(seq.prompt[seq.cached : seq.cached + size])
-        starts = torch.tensor([seq.cached for seq in sequences])
-        sizes = torch.tensor([size for _, size in chunks])
-        slots = torch.tensor([seq.slot for seq in sequences])
+        tokens = [t for seq, size in chunks for t in seq.prompt[seq.cached : seq.cached + size]]
         logits = self._model.prefill(
-            tokens.to(self.device), starts.to(self.device), sizes.to(self.device),
-            slots.to(self.device), self._cache, self.scheduler.groups(sequences),
+            torch.tensor(tokens, device=self.device),
+            [seq.cached for seq in sequences],
+            [size for _, size in chunks],
+            [seq.slot for seq in sequences],
+            self._cache,
+            self.scheduler.groups(sequences),
         )
         for seq, size in chunks:
             seq.cached += size

@@ -16,9 +16,10 @@ Shapes: B batch rows, T tokens, D dim, H query heads, K kv heads, d head_dim, V 
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -400,50 +401,57 @@ class Transformer:
     def prefill(
         self,
         tokens: Tensor,
-        starts: Tensor,
-        lengths: Tensor,
-        slots: Tensor,
+        starts: list[int],
+        lengths: list[int],
+        slots: list[int],
         cache: KVCache,
         groups: list[Group],
     ) -> Tensor:
-        """tokens [B, T] right-padded prompt chunks, starts [B] (tokens of row b already in cache
-        slot slots[b]), lengths [B] -> float32 logits [B, V] after each row's last chunk token.
+        """Packed prompt chunks -> float32 logits [B, V] after each sequence's last chunk token.
 
-        A first chunk (every start 0) writes positions [0, T) and needs only the causal mask
-        (pad positions hold junk that later steps mask out and overwrite). A later chunk
-        writes its real tokens at starts[b] + t and attends to the slot's whole cached prefix.
+        tokens [N] holds sequence b's next lengths[b] prompt tokens (it has starts[b] cached in
+        slot slots[b]), b = 0..B-1 in turn; groups are over sequences. No padding: the linear
+        layers see N real tokens; attention runs per sequence on its slot, causal over the
+        cached prefix and the chunk.
         """
-        B, T = tokens.shape
-        ends = starts + lengths
-        L, first_chunk = int(ends.max()), not bool(starts.any())  # host syncs, once a prefill
-        if L > cache.max_len:
+        dev = tokens.device
+        offsets = [0, *itertools.accumulate(lengths)]  # sequence b: token rows [offsets[b], offsets[b+1])
+        ends = [start + n for start, n in zip(starts, lengths, strict=True)]
+        if max(ends) > cache.max_len:
             raise ModserveError(
-                f"prompt of {L} tokens does not fit the KV cache (max_len {cache.max_len})"
+                f"prompt of {max(ends)} tokens does not fit the KV cache (max_len {cache.max_len})"
             )
-        positions = starts[:, None] + torch.arange(T, device=tokens.device)  # [B, T]
-        if not first_chunk:
-            real = positions < ends[:, None]  # [B, T]
-            keep = torch.arange(L, device=tokens.device) <= positions[..., None]  # [B, T, L]
+        sequence_at = {offset: b for b, offset in enumerate(offsets)}  # first row -> sequence
+        positions = torch.cat([torch.arange(s, e) for s, e in zip(starts, ends, strict=True)]).to(dev)  # [N]
+        row_slots = torch.tensor(slots, device=dev).repeat_interleave(torch.tensor(lengths, device=dev))
+        masks = {  # a later chunk: row t sees the slot's positions [0, starts[b] + t]
+            b: torch.arange(ends[b], device=dev) <= positions[offsets[b] : offsets[b + 1], None]
+            for b in range(len(lengths))
+            if starts[b]
+        }
+        gqa = self.args.n_heads != self.args.n_kv_heads
 
         def attend(i: int) -> Attend:
             def fn(q, k, v, rows):
-                if first_chunk:
-                    cache.k[i][slots[rows], :, :T] = k
-                    cache.v[i][slots[rows], :, :T] = v
-                    return self._causal(q, k, v)
-                at = slots[rows, None].expand(-1, T)[real[rows]]  # [N] slots of the real tokens
-                pos = positions[rows][real[rows]]  # [N]
-                cache.k[i][at, :, pos] = k.transpose(1, 2)[real[rows]]  # [N, K, d]
-                cache.v[i][at, :, pos] = v.transpose(1, 2)[real[rows]]
-                keys, values = cache.k[i][slots[rows], :, :L], cache.v[i][slots[rows], :, :L]
-                return F.scaled_dot_product_attention(
-                    q, keys, values, attn_mask=keep[rows, None], enable_gqa=q.shape[1] != k.shape[1]
-                )  # [n, H, T, d]
+                cache.k[i][row_slots[rows], :, positions[rows]] = k[:, :, 0]  # [n, K, d]
+                cache.v[i][row_slots[rows], :, positions[rows]] = v[:, :, 0]
+                out = []
+                for b in range(sequence_at[rows.start], sequence_at[rows.stop]):
+                    q_b = q[offsets[b] - rows.start : offsets[b + 1] - rows.start, :, 0]  # [n_b, H, d]
+                    keys = cache.k[i][slots[b], :, : ends[b]]  # [K, end_b, d], a view
+                    values = cache.v[i][slots[b], :, : ends[b]]
+                    o = F.scaled_dot_product_attention(
+                        q_b.transpose(0, 1)[None], keys[None], values[None],
+                        attn_mask=masks.get(b), is_causal=b not in masks, enable_gqa=gqa,
+                    )  # [1, H, n_b, d]
+                    out.append(o[0].transpose(0, 1))
+                return _cat(out)[:, :, None]  # [n, H, 1, d]
 
             return fn
 
-        h = self._forward(tokens, positions, groups, attend)  # [B, T, D]
-        last = h[torch.arange(B, device=h.device), lengths - 1]  # [B, D]
+        token_groups = [replace(g, start=offsets[g.start], end=offsets[g.end]) for g in groups]
+        h = self._forward(tokens[:, None], positions[:, None], token_groups, attend)  # [N, 1, D]
+        last = h[torch.tensor(offsets[1:], device=dev) - 1, 0]  # [B, D]
         return self._head(last, groups)
 
     @torch.inference_mode()
