@@ -78,7 +78,8 @@ def token_logprobs(
     logprobs = torch.log_softmax(logits[rows], dim=-1)  # [R, vocab] float32
     values, ids = torch.topk(logprobs, max(params[row].logprobs for row in rows))  # k may be 0
     top_values, top_ids = values.tolist(), ids.tolist()
-    chosen = logprobs[torch.arange(len(rows)), torch.tensor([tokens[row] for row in rows])].tolist()
+    picked = torch.tensor([tokens[row] for row in rows], device=logits.device)
+    chosen = logprobs.gather(1, picked[:, None])[:, 0].tolist()
     out: list[TokenLogprob | None] = [None] * len(params)
     for i, row in enumerate(rows):
         top = tuple(zip(top_ids[i], top_values[i], strict=True))[: params[row].logprobs]
