@@ -550,7 +550,7 @@ class VllmEngine(Engine):
         choices = [
             ChoiceDelta(
                 c.index + copy, c.text, list(c.token_ids), FINISH_REASONS.get(c.finish_reason),
-                None if k is None else vllm_logprobs(c.token_ids, c.logprobs, k),
+                None if k is None else vllm_logprobs(c.token_ids, c.logprobs or (), k),  # None: no new token
             )
             for c in out.outputs
             for copy in range(item.copies)
