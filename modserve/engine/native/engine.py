@@ -205,7 +205,7 @@ class NativeEngine(Engine):
 
     def stats(self) -> EngineStats:
         """A snapshot read from the asyncio side; counts may be one step stale."""
-        running = [*self.scheduler.running, *self.scheduler.prefilling] if self._ready else []
+        running = self.scheduler.slotted if self._ready else []
         by_language: dict[str, int] = {}
         for state in list(self._requests.values()):
             if state.queued:
@@ -241,7 +241,7 @@ class NativeEngine(Engine):
 
     def _fail_batch(self, err: EngineError) -> None:
         """Every request with a sequence in the batch fails; its cache slots and packs are freed."""
-        ids = {seq.request.request_id for seq in (*self.scheduler.running, *self.scheduler.prefilling)}
+        ids = {seq.request.request_id for seq in self.scheduler.slotted}
         for request_id in ids:
             state = self._requests.get(request_id)
             if state is not None and not state.done:
@@ -340,7 +340,7 @@ class NativeEngine(Engine):
     def _regroup(self) -> None:
         src, dst = self.scheduler.regroup()
         if src:
-            longest = max(s.cached for s in (*self.scheduler.running, *self.scheduler.prefilling))
+            longest = max(s.cached for s in self.scheduler.slotted)
             self._cache.move(src, dst, longest)
 
     def _accept(self, sequences: list[Sequence], logits: torch.Tensor) -> None:

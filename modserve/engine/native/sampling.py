@@ -57,14 +57,13 @@ def sample(
     tokens = torch.argmax(logits, dim=-1)
     for row, p in enumerate(params):
         if p.greedy and not p.adjusts_logits:
-            continue
+            continue  # the batch's argmax stands
         row_logits = adjust(logits[row], p, *histories[row]) if p.adjusts_logits else logits[row]
         if p.greedy:
             tokens[row] = torch.argmax(row_logits)
-            continue
-        row_logits = filter_top_k_top_p(row_logits / p.temperature, p.top_k, p.top_p)
-        probs = torch.softmax(row_logits, dim=-1)
-        tokens[row] = torch.multinomial(probs, 1, generator=generators[row])[0]
+        else:
+            probs = torch.softmax(filter_top_k_top_p(row_logits / p.temperature, p.top_k, p.top_p), dim=-1)
+            tokens[row] = torch.multinomial(probs, 1, generator=generators[row])[0]
     return tokens.tolist()
 
 

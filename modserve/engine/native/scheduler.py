@@ -55,6 +55,11 @@ class Scheduler:
         self.running: list[Sequence] = []  # decoding; row i is cache slot i
         self.prefilling: list[Sequence] = []  # holding a slot, part of the prompt cached
 
+    @property
+    def slotted(self) -> list[Sequence]:
+        """Every sequence holding a cache slot: decoding, then prefilling."""
+        return [*self.running, *self.prefilling]
+
     def admit(self) -> tuple[list[tuple[Sequence, int]], list[tuple[Sequence, PackUnavailableError]]]:
         """This step's prefill chunks (sequence, prompt tokens), and the sequences whose pack failed.
 
@@ -102,13 +107,13 @@ class Scheduler:
 
     def leave(self, seq: Sequence) -> None:
         """Drop a finished or aborted sequence from the batch or the queue; unpin its pack."""
-        if seq in self.running or seq in self.prefilling:
-            (self.running if seq in self.running else self.prefilling).remove(seq)
-            if seq.pack is not None:
-                self.pool.release(seq.language)
-                seq.pack = None
-        elif seq in self.waiting:
-            self.waiting.remove(seq)
+        for members in (self.running, self.prefilling, self.waiting):
+            if seq in members:
+                members.remove(seq)
+                break
+        if seq.pack is not None:  # only a slotted sequence holds its pack
+            self.pool.release(seq.language)
+            seq.pack = None
 
     def regroup(self) -> tuple[list[int], list[int]]:
         """Restore the slot layout; return the (src, dst) slot moves to apply to the cache.
