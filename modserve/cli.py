@@ -124,7 +124,7 @@ def demo(
     quiet: Annotated[bool, typer.Option(help="no progress bars")] = False,
 ) -> None:
     """Write the deterministic demo: tiny base, math and language experts, and their packs."""
-    from modserve.demo import build_demo
+    from modserve.demo.builtin import build_demo
 
     paths = build_demo(out, progress=not quiet)
     typer.echo(f"resident: {paths.resident}")

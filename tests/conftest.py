@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from modserve.demo import DemoPaths, build_demo
-from modserve.synthetic import Family, TinySpec, build_family
+from modserve.demo.builtin import DemoPaths, build_demo
+from modserve.demo.synthetic import Family, TinySpec, build_family
 
 REPO = Path(__file__).resolve().parents[1]
 MODSERVE = [sys.executable, "-m", "modserve"]

@@ -5,9 +5,15 @@ from __future__ import annotations
 import asyncio
 import random
 
+import torch
+
+from modserve.demo.synthetic import EOS_ID, EOT_ID
 from modserve.engine.base import GenerationRequest, SamplingParams
 from modserve.engine.loading import chat_token_ids
 from tests.oracle import hf_adjusted_greedy, hf_greedy, hf_logprobs
+
+END_IDS = {EOS_ID, EOT_ID}  # the tiny families' generation_config eos ids
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])  # engines run on a GPU where there is one
 
 
 class RecordingObserver:
@@ -61,8 +67,16 @@ async def collect(engine, request: GenerationRequest) -> dict:
 
 
 async def greedy(engine, rid: str, language: str, prompt: list[int], max_tokens: int = 20) -> list[int]:
+    """Greedy tokens, checked against their own finish reason: `stop` exactly when the last
+    token ends the sequence, else `length` after all max_tokens — an engine that stops early fails."""
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
-    return (await collect(engine, GenerationRequest(rid, prompt, params, language)))["tokens"][0]
+    got = await collect(engine, GenerationRequest(rid, prompt, params, language))
+    tokens, reason = got["tokens"][0], got["reasons"][0]
+    if tokens and tokens[-1] in END_IDS:
+        assert reason == "stop", (rid, tokens, reason)
+    else:
+        assert reason == "length" and len(tokens) == max_tokens, (rid, tokens, reason)
+    return tokens
 
 
 async def churn(engine, oracle: dict, languages: list[str], seed: int, count: int = 16) -> None:
@@ -89,7 +103,7 @@ async def churn(engine, oracle: dict, languages: list[str], seed: int, count: in
     for done in await asyncio.gather(*(one(*plan) for plan in plans)):
         if done is not None:
             language, prompt, max_tokens, got = done
-            assert got and got == hf_greedy(oracle[language], prompt, max_tokens)[: len(got)], (language, prompt)
+            assert got == hf_greedy(oracle[language], prompt, max_tokens), (language, prompt)
 
 
 async def assert_logprobs_are_the_merged_models(engine, oracle: dict, language: str) -> None:

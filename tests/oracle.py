@@ -9,10 +9,10 @@ import torch
 
 
 @lru_cache(maxsize=16)
-def hf_model(path: Path):
+def hf_model(path: Path, dtype: torch.dtype = torch.float32, device: str = "cpu"):
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
 
 
 def hf_greedy(path: Path, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
@@ -51,10 +51,14 @@ def hf_adjusted_greedy(
     return out
 
 
-def hf_logprobs(path: Path, prompt_ids: list[int], generated: list[int]) -> torch.Tensor:
-    """float32 log-probabilities [len(generated), vocab] of the positions that chose `generated`."""
+def hf_logprobs(
+    path: Path, prompt_ids: list[int], generated: list[int], dtype: torch.dtype = torch.float32, device: str = "cpu"
+) -> torch.Tensor:
+    """float32 log-probabilities [len(generated), vocab] of the positions that chose `generated`
+    (teacher-forced: the model reads `generated`, whatever it would have chosen itself)."""
     with torch.inference_mode():
-        logits = hf_model(Path(path))(torch.tensor([prompt_ids + generated])).logits[0].float()
+        ids = torch.tensor([prompt_ids + generated], device=device)
+        logits = hf_model(Path(path), dtype, device)(ids).logits[0].float().cpu()
     return torch.log_softmax(logits[len(prompt_ids) - 1 : -1], dim=-1)
 
 

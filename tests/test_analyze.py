@@ -10,9 +10,9 @@ import pytest
 from matplotlib.image import imread
 
 from modserve.checkpoint import Checkpoint
+from modserve.demo.synthetic import TinySpec, build_family
 from modserve.errors import CheckpointError
 from modserve.packs.analyze import analyze, write_outputs
-from modserve.synthetic import TinySpec, build_family
 from tests.conftest import MODSERVE
 
 

@@ -12,12 +12,12 @@ import torch
 from safetensors.torch import load_file
 
 from modserve.checkpoint import Checkpoint
+from modserve.demo.synthetic import TinySpec, base_weights, build_family, write_checkpoint
 from modserve.errors import CheckpointError, PackError, PlanError
 from modserve.packs.build import BuildJob, build_packs, load_build_config, resolve_jobs
 from modserve.packs.format import load_pack, read_manifest
 from modserve.packs.merge import merge_expert, merge_pack
 from modserve.packs.plan import Plan
-from modserve.synthetic import TinySpec, base_weights, build_family, write_checkpoint
 from tests.conftest import MODSERVE
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
+from dataclasses import dataclass
 
 import psutil
 import pytest
@@ -13,19 +14,19 @@ from safetensors.torch import load_file
 
 from modserve.checkpoint import Checkpoint, layer_index
 from modserve.config import ServeConfig
-from modserve.demo import DEMO_PLAN
+from modserve.demo.builtin import DEMO_PLAN
 from modserve.engine.base import (
     EngineError,
     GenerationRequest,
     InvalidRequestError,
-    OutputStream,
     PackUnavailableError,
     PromptTooLongError,
     QueueFullError,
     SamplingParams,
 )
-from modserve.engine.vllm import LanguageGroups, VllmEngine, VllmRequest
-from modserve.engine.vllm_worker import PackStore
+from modserve.engine.vllm.engine import VllmEngine
+from modserve.engine.vllm.policy import LanguageGroups
+from modserve.engine.vllm.worker import PackStore
 from modserve.errors import ModserveError
 from modserve.packs.build import BuildJob, build_packs
 from modserve.packs.merge import merge_pack
@@ -220,13 +221,16 @@ async def test_aborting_a_queued_request_answers_it_at_once(engine):
     assert engine.stats().running == engine.stats().waiting == 0
 
 
-async def test_a_request_aborted_before_its_first_step_still_leaves(engine):
+async def test_a_request_aborted_before_its_first_step_still_leaves(engine, timeline):
     prompt = chat_ids(engine, "gone at once")
     await greedy(engine, "before", "sw", prompt, 2)  # sw is active: the next sw request is admitted at once
     stream = engine.generate(request("instant", "sw", prompt))
-    engine._admit()  # admitted, its task created but not yet run: the window a disconnect can hit
+    await asyncio.sleep(0)  # the scheduler admits it; its task is created but has not run: the window a disconnect can hit
     await stream.aclose()
+    out = await stream.queue.get()
+    assert out.finished and out.choices[0].finish_reason == "abort"
     assert engine.stats().running == 0
+    assert not any(event[1] == "instant" for event in timeline if event[0] == "start")
     assert len(await greedy(engine, "after", "sw", prompt, 2)) == 2
 
 
@@ -362,12 +366,15 @@ class Clock:
         return self.now
 
 
-def waiting(language: str, arrival: float) -> VllmRequest:
-    async def abort(request_id: str) -> None:
-        pass
+@dataclass
+class Waiting:
+    id: str
+    language: str
+    arrival: float
 
-    rid = f"{language}@{arrival}"
-    return VllmRequest(GenerationRequest(rid, [1], SamplingParams(), language), None, OutputStream(rid, abort), arrival)
+
+def waiting(language: str, arrival: float) -> Waiting:
+    return Waiting(f"{language}@{arrival}", language, arrival)
 
 
 async def test_the_active_group_admits_until_another_language_has_waited_one_slice():

@@ -16,12 +16,12 @@ from rich.console import Console
 from modserve import __version__
 from modserve.bench import run
 from modserve.bench.workloads import BENCH_LANGUAGES, Workload, load_prompts
+from modserve.demo.synthetic import TinySpec, build_family
 from modserve.errors import ModserveError
 from modserve.packs.build import BuildJob, build_packs
 from modserve.packs.format import read_manifest
 from modserve.packs.merge import merge_pack
 from modserve.packs.plan import Plan
-from modserve.synthetic import TinySpec, build_family
 
 # Synthetic models: the paper's proportions (5 bottom, 2 top, 1 transition of 32 layers).
 SPECS = {

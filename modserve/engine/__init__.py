@@ -11,7 +11,7 @@ def create_engine(config: ServeConfig) -> Engine:
     if config.model.resident is None:
         raise ValueError("resolve the demo (or model.resident) before creating an engine")
     if config.engine.backend == "vllm":
-        from modserve.engine.vllm import VllmEngine
+        from modserve.engine.vllm.engine import VllmEngine
 
         return VllmEngine.from_config(config)
     from modserve.engine.native.engine import NativeEngine, NativeEngineConfig

@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
 from modserve.errors import ModserveError
+from modserve.languages import RESIDENT
 
-RESIDENT = "resident"
 MAX_LOGPROBS = 20  # alternatives per token, as vLLM's default max_logprobs
 FinishReason = Literal["stop", "length", "abort"]
 

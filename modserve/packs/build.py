@@ -7,7 +7,6 @@ so peak memory is the pack plus a tensor, never a whole model.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from tqdm import tqdm
 
 from modserve.checkpoint import Checkpoint, tensor_sha256
 from modserve.errors import CheckpointError, ModserveError, PlanError
+from modserve.languages import LANGUAGE_CODE, RESIDENT
 from modserve.packs.format import (
     Manifest,
     ResidentHashes,
@@ -25,9 +25,7 @@ from modserve.packs.format import (
     structure_fingerprint,
     write_pack,
 )
-from modserve.packs.plan import RESIDENT, Plan, Source
-
-LANGUAGE_CODE = re.compile(r"^[a-z]{2,3}([-_][A-Za-z0-9]{2,8})?$")
+from modserve.packs.plan import FROM_RESIDENT, Plan, Source
 
 
 @dataclass(frozen=True)
@@ -40,7 +38,7 @@ class PackPlan:
 
 
 def check_language_code(language: str, field: str = "language") -> str:
-    if language == "resident" or not LANGUAGE_CODE.match(language):
+    if language == RESIDENT or not LANGUAGE_CODE.match(language):
         raise ModserveError(f"{field}: {language!r} is not a language code (e.g. sw, ja, pt-BR)")
     return language
 
@@ -72,7 +70,7 @@ def plan_pack(resident: Checkpoint, expert: Checkpoint, language: str, plan: Pla
     check_compatible(resident, expert)
     plan.check(resident.num_layers)
     sources = ((name, plan.tensor_source(name, resident.num_layers)) for name in resident.names)
-    return PackPlan(language, plan, [(name, src) for name, src in sources if src != RESIDENT])
+    return PackPlan(language, plan, [(name, src) for name, src in sources if src != FROM_RESIDENT])
 
 
 def blend(resident: torch.Tensor, language: torch.Tensor, source: Source) -> torch.Tensor:

@@ -9,11 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,6 +19,7 @@ from safetensors.torch import load_file, save_file
 from modserve import __version__
 from modserve.checkpoint import Checkpoint, layer_index, tensor_sha256
 from modserve.errors import ModserveError, PackError
+from modserve.files import atomic_dir
 from modserve.packs.plan import Plan
 
 FORMAT = "modserve.pack/1"
@@ -142,6 +138,18 @@ def load_pack(pack_dir: str | Path) -> tuple[Manifest, dict[str, torch.Tensor]]:
     return manifest, tensors
 
 
+def load_verified_pack(
+    pack_dir: str | Path, resident: ResidentHashes, language: str | None = None
+) -> tuple[Manifest, dict[str, torch.Tensor]]:
+    """A pack fit to serve on this resident: every tensor's sha256, the resident's fingerprint,
+    and (when given) the language it must be for. Every reader of packs goes through here."""
+    manifest, tensors = load_pack(pack_dir)
+    if language is not None and manifest.language != language:
+        raise PackError(f"packs.{language}: {pack_dir} is the {manifest.language!r} pack")
+    resident.check(manifest, Path(pack_dir))
+    return manifest, tensors
+
+
 class ResidentHashes:
     """sha256 of resident tensors, computed once each, to check packs against their resident."""
 
@@ -185,36 +193,6 @@ class ResidentHashes:
                 f"{where}: built for another resident (content of the replaced tensors differs "
                 f"from {self.resident.path})"
             )
-
-
-@contextmanager
-def atomic_dir(target: Path) -> Iterator[Path]:
-    """Yield a temp dir beside `target`; on success it replaces `target` whole, on error it vanishes."""
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    publish_permissions(tmp)
-    old = None
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{os.getpid()}")
-        os.rename(target, old)
-    os.rename(tmp, target)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def publish_permissions(root: Path) -> None:
-    """mkdtemp makes 0700 dirs (and some writers 0600 files); give outputs the umask's modes."""
-    umask = os.umask(0)
-    os.umask(umask)
-    root.chmod(0o777 & ~umask)
-    for path in root.rglob("*"):
-        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
 
 
 def write_pack(target: Path, manifest: Manifest, tensors: dict[str, torch.Tensor]) -> Path:

@@ -20,15 +20,15 @@ from modserve.checkpoint import (
     StreamingSafetensorsWriter,
     write_index,
 )
+from modserve.files import atomic_dir
 from modserve.packs.build import BuildJob, build_packs
-from modserve.packs.format import ResidentHashes, atomic_dir, load_pack
+from modserve.packs.format import ResidentHashes, load_verified_pack
 
 
 def merge_pack(resident_path: Path, pack_path: Path, out_dir: Path, progress: bool = True) -> Path:
     """Verify the pack (sha256, resident fingerprint), then write resident-with-pack to `out_dir`."""
     resident = Checkpoint(resident_path)
-    manifest, pack = load_pack(pack_path)
-    ResidentHashes(resident).check(manifest, Path(pack_path))
+    _, pack = load_verified_pack(pack_path, ResidentHashes(resident))
     with atomic_dir(Path(out_dir)) as tmp:
         copy_side_files(resident.path, tmp)
         bar = tqdm(total=len(resident.names), desc="merge", unit="tensor", disable=not progress)

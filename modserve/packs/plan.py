@@ -32,8 +32,8 @@ class Source:
         return cls("blend", weight)
 
 
-RESIDENT = Source("resident", 0.0)
-LANGUAGE = Source("language", 1.0)
+FROM_RESIDENT = Source("resident", 0.0)
+FROM_LANGUAGE = Source("language", 1.0)
 
 
 @dataclass(frozen=True)
@@ -83,16 +83,16 @@ class Plan:
         self.check(num_layers)
         low, high = self.transitions()
         if layer < self.bottom or layer >= num_layers - self.top:
-            return LANGUAGE
+            return FROM_LANGUAGE
         if layer < self.bottom + low or layer >= num_layers - self.top - high:
             return Source.of(self.transition_weight)
-        return RESIDENT
+        return FROM_RESIDENT
 
     def non_layer_source(self) -> Source:
         if self.non_layer == "resident":
-            return RESIDENT
+            return FROM_RESIDENT
         if self.non_layer == "language":
-            return LANGUAGE
+            return FROM_LANGUAGE
         return Source.of(float(self.non_layer))
 
     def tensor_source(self, name: str, num_layers: int) -> Source:
@@ -102,7 +102,7 @@ class Plan:
         return self.layer_source(layer, num_layers)
 
     def swapped_layers(self, num_layers: int) -> list[int]:
-        return [i for i in range(num_layers) if self.layer_source(i, num_layers) != RESIDENT]
+        return [i for i in range(num_layers) if self.layer_source(i, num_layers) != FROM_RESIDENT]
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -1,5 +1,5 @@
 """Language routing: which block pack (or the resident) serves a request."""
 
-from modserve.router.route import RESIDENT, Router, RoutingDecision, UnknownLanguageError
+from modserve.router.route import Router, RoutingDecision, UnknownLanguageError
 
-__all__ = ["RESIDENT", "Router", "RoutingDecision", "UnknownLanguageError"]
+__all__ = ["Router", "RoutingDecision", "UnknownLanguageError"]

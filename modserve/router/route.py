@@ -10,10 +10,9 @@ import time
 from dataclasses import dataclass, field, replace
 
 from modserve.errors import ModserveError
+from modserve.languages import RESIDENT
 from modserve.router.clean import strip_non_language
 from modserve.router.detect import make_detector
-
-RESIDENT = "resident"
 
 
 class UnknownLanguageError(ModserveError):

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
-import time
 from collections.abc import Callable
 from contextlib import asynccontextmanager
 
@@ -22,13 +21,14 @@ from modserve import __version__
 from modserve.config import ServeConfig
 from modserve.engine.base import Engine, EngineError
 from modserve.router import Router
+from modserve.server.chat import ChatServing
+from modserve.server.completions import CompletionServing
 from modserve.server.errors import ApiError, from_engine_error
 from modserve.server.metrics import Metrics
+from modserve.server.middleware import BodyLimit, RequestAccounting
 from modserve.server.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
-from modserve.server.serving import Serving
 
 log = logging.getLogger("modserve.server")
-ENDPOINTS = {"/v1/chat/completions": "chat", "/v1/completions": "completions"}
 
 
 def create_app(
@@ -38,7 +38,8 @@ def create_app(
     on_start_failure: Callable[[BaseException], None] | None = None,
 ) -> FastAPI:
     metrics = Metrics(engine.languages)
-    serving = Serving(engine, router, metrics, config.server.log_prompts)
+    chat = ChatServing(engine, router, metrics, config.server.log_prompts)
+    completion = CompletionServing(engine, router, metrics, config.server.log_prompts)
     status = {"draining": False, "error": None}
 
     @asynccontextmanager
@@ -125,84 +126,15 @@ def create_app(
 
     @app.get("/v1/models", dependencies=[Depends(authorize)])
     async def models():
-        cards = [ModelCard(id=model_id, root=model_id) for model_id in serving.model_ids()]
+        cards = [ModelCard(id=model_id, root=model_id) for model_id in chat.model_ids()]
         return ModelList(data=cards).model_dump()
 
     @app.post("/v1/chat/completions", dependencies=guarded)
     async def chat_completions(body: ChatCompletionRequest, request: Request):
-        return await serving.chat(body, request)
+        return await chat.create(body, request)
 
     @app.post("/v1/completions", dependencies=guarded)
     async def completions(body: CompletionRequest, request: Request):
-        return await serving.completion(body, request)
+        return await completion.create(body, request)
 
     return app
-
-
-class BodyLimit:
-    """413 for bodies over `server.max_request_bytes`, before any of it is parsed.
-
-    Reads the body (up to the limit) and replays it, so chunked uploads without a
-    Content-Length are bounded too.
-    """
-
-    def __init__(self, app, limit: int):
-        self.app, self.limit = app, limit
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
-            return await self.app(scope, receive, send)
-        declared = dict(scope["headers"]).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.limit:
-            return await self.too_large(scope, receive, send)
-        chunks, size, more = [], 0, True
-        while more:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            chunks.append(message.get("body", b""))
-            size += len(chunks[-1])
-            more = message.get("more_body", False)
-            if size > self.limit:
-                return await self.too_large(scope, receive, send)
-        body, replayed = b"".join(chunks), False
-
-        async def replay():
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()
-
-        await self.app(scope, replay, send)
-
-    async def too_large(self, scope, receive, send):
-        error = ApiError(413, f"request body exceeds server.max_request_bytes ({self.limit} bytes)", None, "request_too_large")
-        await error.response()(scope, receive, send)
-
-
-class RequestAccounting:
-    """Counts completion requests by endpoint, language and status, and times them to the last byte."""
-
-    def __init__(self, app, metrics: Metrics):
-        self.app, self.metrics = app, metrics
-
-    async def __call__(self, scope, receive, send):
-        endpoint = ENDPOINTS.get(scope.get("path", "")) if scope["type"] == "http" else None
-        if endpoint is None:
-            return await self.app(scope, receive, send)
-        start, status = time.perf_counter(), {"code": 500}
-        scope.setdefault("state", {})
-
-        async def watch(message):
-            if message["type"] == "http.response.start":
-                status["code"] = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, watch)
-        finally:
-            language = self.metrics.language(scope["state"].get("language", "none"))
-            self.metrics.requests.labels(endpoint, language, str(status["code"])).inc()
-            self.metrics.request_duration.labels(endpoint).observe(time.perf_counter() - start)
-

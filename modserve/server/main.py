@@ -7,7 +7,7 @@ import logging
 import uvicorn
 
 from modserve.config import ServeConfig
-from modserve.demo import ensure_demo
+from modserve.demo.builtin import ensure_demo
 from modserve.engine import create_engine
 from modserve.router import Router
 from modserve.server.app import create_app

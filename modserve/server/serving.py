@@ -1,20 +1,18 @@
-"""From an OpenAI request to engine requests and back: route, tokenize, stream, account.
+"""What both OpenAI endpoints share: route, submit to the engine, gather outputs, account.
 
-Nothing here touches tensors: the engine takes token ids and returns text deltas.
+`chat.py` and `completions.py` build prompts and responses on top of this; `streaming.py`
+frames SSE. Nothing here touches tensors: the engine takes token ids and returns text deltas.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
-import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from fastapi import Request
-from fastapi.responses import JSONResponse, StreamingResponse
 
 from modserve.engine.base import (
     Engine,
@@ -24,33 +22,21 @@ from modserve.engine.base import (
     RequestOutput,
     TokenLogprob,
 )
-from modserve.engine.loading import chat_token_ids
 from modserve.router import Router, RoutingDecision, UnknownLanguageError
 from modserve.server.errors import ApiError, from_engine_error
 from modserve.server.logprobs import LogprobShapes
 from modserve.server.metrics import Metrics
-from modserve.server.protocol import (
-    AssistantMessage,
-    ChatChoice,
-    ChatChunkChoice,
-    ChatCompletion,
-    ChatCompletionChunk,
-    ChatCompletionRequest,
-    ChatDelta,
-    Completion,
-    CompletionChoice,
-    CompletionLogprobs,
-    CompletionRequest,
-    Usage,
-)
+from modserve.server.middleware import outcome
+from modserve.server.protocol import Usage
 
 log = logging.getLogger("modserve.server")
 MODEL = "modserve"
+Delta = tuple[int, str, str | None, list[TokenLogprob] | None]  # choice index, text, finish reason, logprobs
 
 
 @dataclass
 class Served:
-    """One API request in flight: its engine streams and what the metrics need."""
+    """One API request in flight: its engine streams (one per prompt) and what the metrics need."""
 
     endpoint: str
     model: str
@@ -63,12 +49,20 @@ class Served:
     finish: dict[int, str | None] = field(default_factory=dict)
     completion_tokens: dict[int, int] = field(default_factory=dict)
     logprobs: dict[int, list[TokenLogprob]] = field(default_factory=dict)
-    text_offsets: dict[int, int] = field(default_factory=dict)  # completions: where the next token starts
+    text_offsets: dict[int, int] = field(default_factory=dict)  # completions: where the next token's text starts
     last_token_at: float | None = None
+
+    @property
+    def request_id(self) -> str:
+        return self.streams[0].request_id
 
     @property
     def prompt_tokens(self) -> int:
         return sum(self.prompt_lengths)
+
+    @property
+    def prompt_param(self) -> str:
+        return "messages" if self.endpoint == "chat" else "prompt"
 
     @property
     def language(self) -> str:
@@ -81,8 +75,13 @@ class Served:
             "X-Modserve-Detected": ", ".join(dict.fromkeys(d.header_detected for d in self.decisions)),
         }
 
+    def text(self, index: int) -> str:
+        return "".join(self.choices.get(index, []))
+
 
 class Serving:
+    """The base of ChatServing and CompletionServing."""
+
     def __init__(self, engine: Engine, router: Router, metrics: Metrics, log_prompts: bool = False):
         self.engine, self.router, self.metrics = engine, router, metrics
         self.log_prompts = log_prompts
@@ -102,7 +101,7 @@ class Serving:
             return language
         raise ApiError(404, f"model {model!r} does not exist; use one of {self.model_ids()}", "model", "model_not_found")
 
-    def route(self, body, text: str | None, messages: list[dict] | None) -> RoutingDecision:
+    def route(self, request: Request, body, text: str | None, messages: list[dict] | None) -> RoutingDecision:
         explicit = self.explicit_model(body.model)
         try:
             if messages is not None:
@@ -115,89 +114,8 @@ class Serving:
         if decision.reason not in ("model", "language"):
             self.metrics.detections.labels(self.metrics.detected(decision.detected), decision.language).inc()
             self.metrics.detection_seconds.observe(decision.seconds)
+        outcome(request).language = decision.language
         return decision
-
-    # --- endpoints -------------------------------------------------------------------------
-
-    async def chat(self, body: ChatCompletionRequest, request: Request):
-        arrival = time.perf_counter()
-        body.refuse_unsupported()
-        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-        decision = self.route(body, None, messages)
-        request.state.language = decision.language
-        prompt = self.chat_prompt(messages)
-        params = body.sampling_params(body.limit(), body.logprobs_wanted())
-        stream = self.submit(f"chatcmpl-{uuid.uuid4().hex}", prompt, params, decision, "messages")
-        served = Served("chat", body.model, [decision], [stream], body.n, [len(prompt)], arrival)
-        if body.stream:
-            usage = bool(body.stream_options and body.stream_options.include_usage)
-            return await self.respond_stream(served, lambda outputs: self.chat_chunks(served, outputs, usage))
-        await self.collect(request, served)
-        choices = [
-            ChatChoice(
-                index=i, message=AssistantMessage(content="".join(served.choices.get(i, []))),
-                finish_reason=served.finish.get(i), logprobs=self.logprobs.chat(served.logprobs.get(i)),
-            )
-            for i in range(body.n)
-        ]
-        response = ChatCompletion(id=stream.request_id, model=body.model, choices=choices, usage=self.usage(served))
-        return JSONResponse(response.model_dump(), headers=served.headers())
-
-    async def completion(self, body: CompletionRequest, request: Request):
-        arrival = time.perf_counter()
-        body.refuse_unsupported()
-        request_id = f"cmpl-{uuid.uuid4().hex}"
-        streams, decisions, lengths, echoes = [], [], [], []
-        try:
-            for k, prompt in enumerate(body.prompts()):
-                ids, text = self.completion_prompt(prompt)
-                decision = self.route(body, text, None)
-                request.state.language = decision.language
-                params = body.sampling_params(body.max_tokens, body.logprobs_wanted())
-                streams.append(self.submit(f"{request_id}-{k}", ids, params, decision, "prompt"))
-                decisions.append(decision)
-                lengths.append(len(ids))
-                echoes.append(text if body.echo else "")
-        except BaseException:
-            await asyncio.gather(*(s.aclose() for s in streams))
-            raise
-        served = Served("completions", body.model, decisions, streams, body.n, lengths, arrival)
-        request.state.language = served.language
-        for k, echo in enumerate(echoes):
-            for i in range(body.n):
-                served.choices[k * body.n + i] = [echo] if echo else []
-        if body.stream:
-            usage = bool(body.stream_options and body.stream_options.include_usage)
-            return await self.respond_stream(
-                served, lambda outputs: self.completion_chunks(served, outputs, request_id, usage, echoes)
-            )
-        await self.collect(request, served)
-        choices = [
-            CompletionChoice(
-                index=i, text="".join(served.choices.get(i, [])), finish_reason=served.finish.get(i),
-                logprobs=self.completion_logprobs(served, i, served.logprobs.get(i)),
-            )
-            for i in range(len(streams) * body.n)
-        ]
-        response = Completion(id=request_id, model=body.model, choices=choices, usage=self.usage(served))
-        return JSONResponse(response.model_dump(), headers=served.headers())
-
-    # --- prompts ---------------------------------------------------------------------------
-
-    def chat_prompt(self, messages: list[dict]) -> list[int]:
-        tokenizer = self.engine.tokenizer
-        if not tokenizer.chat_template:
-            raise ApiError(400, "the resident's tokenizer has no chat template; use /v1/completions", "messages")
-        try:
-            return chat_token_ids(tokenizer, messages)
-        except Exception as err:  # template errors are the client's messages, not a crash
-            raise ApiError(400, f"the chat template rejected these messages: {err}", "messages") from None
-
-    def completion_prompt(self, prompt: str | list[int]) -> tuple[list[int], str]:
-        tokenizer = self.engine.tokenizer
-        if isinstance(prompt, str):
-            return tokenizer(prompt)["input_ids"], prompt
-        return list(prompt), tokenizer.decode(prompt, skip_special_tokens=True)
 
     def submit(self, request_id: str, prompt: list[int], params, decision: RoutingDecision, prompt_param: str) -> OutputStream:
         if self.log_prompts:
@@ -240,10 +158,8 @@ class Serving:
             for task in tasks:
                 task.cancel()
 
-    def account(
-        self, served: Served, k: int, out: RequestOutput
-    ) -> list[tuple[int, str, str | None, list[TokenLogprob] | None]]:
-        """Record one output; return (choice index, text, finish reason, logprobs) per delta."""
+    def account(self, served: Served, k: int, out: RequestOutput) -> list[Delta]:
+        """Record one output of stream k; return its deltas with their choice indices."""
         now = time.perf_counter()
         language = self.metrics.language(served.decisions[k].language)
         new_tokens = sum(len(c.token_ids) for c in out.choices)
@@ -265,13 +181,6 @@ class Serving:
             deltas.append((index, c.text, c.finish_reason, c.logprobs))
         return deltas
 
-    def completion_logprobs(self, served: Served, index: int, logprobs: list[TokenLogprob] | None) -> CompletionLogprobs | None:
-        """Text offsets continue across a stream's chunks."""
-        if logprobs is None:
-            return None
-        shaped, served.text_offsets[index] = self.logprobs.completion(logprobs, served.text_offsets.get(index, 0))
-        return shaped
-
     def finished(self, served: Served) -> None:
         for k, decision in enumerate(served.decisions):
             language = self.metrics.language(decision.language)
@@ -279,7 +188,7 @@ class Serving:
             self.metrics.generation_tokens.labels(language).inc(served.completion_tokens.get(k, 0))
         log.info(
             "%s %s language=%s prompt_tokens=%d completion_tokens=%d",
-            served.streams[0].request_id, served.endpoint, served.language,
+            served.request_id, served.endpoint, served.language,
             served.prompt_tokens, sum(served.completion_tokens.values()),
         )
 
@@ -307,95 +216,11 @@ class Serving:
         try:
             work.result()
         except EngineError as err:
-            raise from_engine_error(err, self.prompt_param(served)) from None
+            raise from_engine_error(err, served.prompt_param) from None
         self.finished(served)
 
     async def close(self, served: Served) -> None:
         await asyncio.gather(*(s.aclose() for s in served.streams))
-
-    def prompt_param(self, served: Served) -> str:
-        return "messages" if served.endpoint == "chat" else "prompt"
-
-    async def respond_stream(self, served: Served, make_chunks) -> StreamingResponse:
-        """SSE. The first engine output is awaited before the status line, so a refusal
-        (queue full, pack unavailable) keeps its status instead of arriving mid-stream."""
-        outputs = self.outputs(served)
-        try:
-            first = await outputs.__anext__()
-        except StopAsyncIteration:
-            first = None
-        except EngineError as err:
-            await self.close(served)
-            raise from_engine_error(err, self.prompt_param(served)) from None
-        except BaseException:
-            await self.close(served)
-            raise
-
-        async def replay() -> AsyncIterator[tuple[int, RequestOutput]]:
-            if first is not None:
-                yield first
-            async for item in outputs:
-                yield item
-
-        async def body() -> AsyncIterator[str]:
-            try:
-                async for chunk in make_chunks(replay()):
-                    yield chunk
-            except EngineError as err:
-                error = from_engine_error(err, self.prompt_param(served))
-                yield sse({"error": {"message": error.message, "type": "server_error", "code": error.code}})
-            finally:  # also on client disconnect: Starlette cancels this generator
-                await self.close(served)
-            yield "data: [DONE]\n\n"
-
-        headers = {**served.headers(), "Cache-Control": "no-cache"}
-        return StreamingResponse(body(), media_type="text/event-stream", headers=headers)
-
-    async def chat_chunks(self, served: Served, outputs, include_usage: bool) -> AsyncIterator[str]:
-        request_id = served.streams[0].request_id
-
-        def chunk(choices, usage=None) -> str:
-            return sse(ChatCompletionChunk(id=request_id, model=served.model, choices=choices, usage=usage).model_dump())
-
-        yield chunk([ChatChunkChoice(index=i, delta=ChatDelta(role="assistant", content="")) for i in range(served.n)])
-        async for k, out in outputs:
-            deltas = self.account(served, k, out)
-            choices = [
-                ChatChunkChoice(
-                    index=i, delta=ChatDelta(content=text), finish_reason=reason, logprobs=self.logprobs.chat(logprobs)
-                )
-                for i, text, reason, logprobs in deltas if text or reason or logprobs
-            ]
-            if choices:
-                yield chunk(choices)
-        self.finished(served)
-        if include_usage:
-            yield chunk([], self.usage(served))
-
-    async def completion_chunks(self, served: Served, outputs, request_id: str, include_usage: bool, echoes: list[str]) -> AsyncIterator[str]:
-        def chunk(choices, usage=None) -> str:
-            return sse(Completion(id=request_id, model=served.model, choices=choices, usage=usage).model_dump())
-
-        echoed = [CompletionChoice(index=k * served.n + i, text=e) for k, e in enumerate(echoes) if e for i in range(served.n)]
-        if echoed:
-            yield chunk(echoed)
-        async for k, out in outputs:
-            deltas = self.account(served, k, out)
-            choices = [
-                CompletionChoice(
-                    index=i, text=text, finish_reason=reason, logprobs=self.completion_logprobs(served, i, logprobs)
-                )
-                for i, text, reason, logprobs in deltas if text or reason or logprobs
-            ]
-            if choices:
-                yield chunk(choices)
-        self.finished(served)
-        if include_usage:
-            yield chunk([], self.usage(served))
-
-
-def sse(payload: dict) -> str:
-    return f"data: {json.dumps(payload, ensure_ascii=False, separators=(',', ':'))}\n\n"
 
 
 async def wait_for_disconnect(request: Request) -> None:
@@ -403,4 +228,3 @@ async def wait_for_disconnect(request: Request) -> None:
         message = await request.receive()
         if message["type"] == "http.disconnect":
             return
-

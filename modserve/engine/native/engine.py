@@ -39,9 +39,11 @@ from modserve.engine.loading import (
 )
 from modserve.engine.native.cache import KVCache
 from modserve.engine.native.model import Transformer
+from modserve.engine.native.output import OutputProcessor
 from modserve.engine.native.pool import PackPool
-from modserve.engine.native.sampling import make_generator, sample, token_logprobs
-from modserve.engine.native.scheduler import Scheduler, Sequence
+from modserve.engine.native.sampling import make_generator
+from modserve.engine.native.scheduler import Scheduler, Sequence, StepPlan
+from modserve.engine.native.weights import from_checkpoint, from_tensors
 from modserve.engine.text import TextStream
 from modserve.errors import ModserveError
 from modserve.packs.format import ResidentHashes
@@ -92,6 +94,19 @@ class RequestState:
 
     def post(self, item: RequestOutput | Exception) -> None:
         self.loop.call_soon_threadsafe(self.outputs.put_nowait, item)
+
+    @property
+    def all_finished(self) -> bool:
+        return all(s.finish_reason is not None for s in self.sequences)
+
+    def output(self, choices: list[ChoiceDelta], finished: bool) -> RequestOutput:
+        return RequestOutput(
+            request_id=self.request.request_id,
+            choices=choices,
+            prompt_tokens=len(self.request.prompt_token_ids),
+            completion_tokens=sum(len(s.token_ids) for s in self.sequences),
+            finished=finished,
+        )
 
 
 class NativeEngine(Engine):
@@ -147,14 +162,14 @@ class NativeEngine(Engine):
                 )
             config, tensors, self._tokenizer = load_gguf(path)
             dtype = resolve_dtype(self.config.dtype, config)
-            self._model = Transformer.from_tensors(config, tensors, self.device, dtype)
+            self._model = from_tensors(config, tensors, self.device, dtype)
             resident_hashes = None
         else:
             resident = Checkpoint(path)
             config = resident.config
             dtype = resolve_dtype(self.config.dtype, config)
             self._tokenizer = load_tokenizer(path)
-            self._model = Transformer.from_checkpoint(resident, self.device, dtype)
+            self._model = from_checkpoint(resident, self.device, dtype)
             resident_hashes = ResidentHashes(resident)
         self._stop_ids = stop_token_ids(path if path.is_dir() else path.parent, config, self._tokenizer)
         args = self._model.args
@@ -167,9 +182,10 @@ class NativeEngine(Engine):
         )
         self.pool.wakeup = self._wakeup
         self.scheduler = Scheduler(self.pool, self.config.max_batch_size, self.config.max_prefill_tokens)
+        self.output = OutputProcessor(max_len)
         for language in self.languages:  # warm the device tier while the budget allows
-            if self.pool.acquire(language) is not None:
-                self.pool.release(language)
+            if (lease := self.pool.acquire(language)) is not None:
+                lease.release()
 
     async def shutdown(self) -> None:
         self._stopping = True
@@ -271,7 +287,7 @@ class NativeEngine(Engine):
                 stop_ids=stop_ids,
             )
             state.sequences.append(seq)
-            self.scheduler.waiting.append(seq)
+            self.scheduler.add(seq)
 
     def _abort(self, request_id: str) -> None:
         state = self._requests.get(request_id)
@@ -283,40 +299,37 @@ class NativeEngine(Engine):
         self._finish_request(state, [ChoiceDelta(s.index, "", [], "abort") for s in state.sequences])
 
     def _step(self) -> bool:
-        self._regroup()  # close the holes finished sequences left before new ones take slots
-        chunks, failed = self.scheduler.admit()
-        for seq, err in failed:
+        """Plan, then apply: cache moves, prefill chunks, decode rows, outputs. False: idle."""
+        plan = self.scheduler.schedule()
+        for seq, err in plan.refused:
             state = self._requests.get(seq.request.request_id)
             if state is not None and not state.done:
                 self._fail_request(state, err)
-        if chunks:
-            self._prefill(chunks)
-        if not self.scheduler.running:
-            return bool(chunks)
-        self._decode()
-        return True
+        if plan.moves[0]:
+            self._cache.move(*plan.moves, plan.move_length)
+        if plan.prefill:
+            self._prefill(plan)
+        if plan.decode:
+            self._decode(plan)
+        return not plan.empty
 
-    def _prefill(self, chunks: list[tuple[Sequence, int]]) -> None:
-        """Cache the next `size` prompt tokens of each sequence; those done start decoding."""
-        chunks.sort(key=lambda chunk: (chunk[0].language, chunk[0].arrival))
-        sequences = [seq for seq, _ in chunks]
-        tokens = [t for seq, size in chunks for t in seq.prompt[seq.cached : seq.cached + size]]
+    def _prefill(self, plan: StepPlan) -> None:
+        """Cache this step's prompt chunks; sequences whose prompt is now whole get their first token."""
+        chunks = plan.prefill
         logits = self._model.prefill(
-            torch.tensor(tokens, device=self.device),
-            [seq.cached for seq in sequences],
-            [size for _, size in chunks],
-            [seq.slot for seq in sequences],
+            torch.tensor([t for c in chunks for t in c.seq.prompt[c.seq.cached : c.seq.cached + c.size]], device=self.device),
+            [c.seq.cached for c in chunks],
+            [c.size for c in chunks],
+            [c.seq.slot for c in chunks],
             self._cache,
-            self.scheduler.groups(sequences),
+            plan.prefill_groups,
         )
-        for seq, size in chunks:
-            seq.cached += size
-            self._dequeue(self._requests.get(seq.request.request_id))
-        rows = [row for row, seq in enumerate(sequences) if seq.cached == len(seq.prompt)]
-        if rows:
-            done = [sequences[row] for row in rows]
-            self.scheduler.join(done)
-            self._accept(done, logits[rows])
+        for chunk in chunks:
+            self._dequeue(self._requests.get(chunk.seq.request.request_id))
+        done = self.scheduler.prefilled(chunks)
+        if done:
+            rows = [row for row, chunk in enumerate(chunks) if chunk.seq in done]
+            self._emit([chunks[row].seq for row in rows], logits[rows])
 
     def _dequeue(self, state: RequestState | None) -> None:
         """The request stops counting against max_waiting (first sequence started, or gone)."""
@@ -325,75 +338,33 @@ class NativeEngine(Engine):
             with self._count_lock:
                 self._waiting_requests -= 1
 
-    def _decode(self) -> None:
-        self._regroup()
-        running = self.scheduler.running
-        tokens = torch.tensor([s.token_ids[-1] for s in running], device=self.device)
-        positions = torch.tensor([s.cached for s in running], device=self.device)
-        groups = self.scheduler.groups(running)
-        self.observer.step(len(groups), len(running))
-        logits = self._model.decode(tokens, positions, self._cache, groups)
-        for seq in running:
+    def _decode(self, plan: StepPlan) -> None:
+        rows = plan.decode
+        tokens = torch.tensor([s.token_ids[-1] for s in rows], device=self.device)
+        positions = torch.tensor([s.cached for s in rows], device=self.device)
+        self.observer.step(len(plan.decode_groups), len(rows))
+        logits = self._model.decode(tokens, positions, self._cache, plan.decode_groups)
+        for seq in rows:
             seq.cached += 1
-        self._accept(list(running), logits)
+        self._emit(rows, logits)
 
-    def _regroup(self) -> None:
-        src, dst = self.scheduler.regroup()
-        if src:
-            longest = max(s.cached for s in self.scheduler.slotted)
-            self._cache.move(src, dst, longest)
-
-    def _accept(self, sequences: list[Sequence], logits: torch.Tensor) -> None:
-        """Sample one token per row, stream it out, retire finished sequences."""
-        params = [s.request.params for s in sequences]
-        histories = [(s.prompt, s.token_ids) for s in sequences]
-        new_tokens = sample(logits, params, [s.generator for s in sequences], histories)
-        logprobs = token_logprobs(logits, params, new_tokens)
-        deltas: dict[str, list[ChoiceDelta]] = {}
-        for seq, token, logprob in zip(sequences, new_tokens, logprobs, strict=True):
-            if seq.finish_reason is not None:  # aborted while in the batch
-                continue
-            seq.token_ids.append(token)
-            text, reason = self._advance(seq, token)
-            delta = ChoiceDelta(seq.index, text, [token], reason, None if logprob is None else [logprob])
-            deltas.setdefault(seq.request.request_id, []).append(delta)
-            if reason is not None:
-                seq.finish_reason = reason
-                self.scheduler.leave(seq)
+    def _emit(self, sequences: list[Sequence], logits: torch.Tensor) -> None:
+        """Each row's next token out to its request; finished sequences leave the batch."""
+        deltas, finished = self.output.process(sequences, logits)
+        for seq in finished:
+            self.scheduler.finish(seq)
         for request_id, choices in deltas.items():
             state = self._requests.get(request_id)
             if state is None or state.done:
                 continue
-            if all(s.finish_reason is not None for s in state.sequences):
+            if state.all_finished:
                 self._finish_request(state, choices)
             else:
-                state.post(self._output(state, choices, finished=False))
-
-    def _advance(self, seq: Sequence, token: int) -> tuple[str, str | None]:
-        """Text released by this token and the finish reason it causes, if any."""
-        params = seq.request.params
-        if token in seq.stop_ids:
-            return seq.text.finish(), "stop"
-        text, hit_stop = seq.text.push(token)
-        if hit_stop:
-            return text, "stop"
-        out_of_room = seq.cached + 1 >= self.config.max_model_len
-        if len(seq.token_ids) >= (params.max_tokens or self.config.max_model_len) or out_of_room:
-            return text + seq.text.finish(), "length"
-        return text, None
-
-    def _output(self, state: RequestState, choices: list[ChoiceDelta], finished: bool) -> RequestOutput:
-        return RequestOutput(
-            request_id=state.request.request_id,
-            choices=choices,
-            prompt_tokens=len(state.request.prompt_token_ids),
-            completion_tokens=sum(len(s.token_ids) for s in state.sequences),
-            finished=finished,
-        )
+                state.post(state.output(choices, finished=False))
 
     def _finish_request(self, state: RequestState, choices: list[ChoiceDelta]) -> None:
         self._release(state)
-        state.post(self._output(state, choices, finished=True))
+        state.post(state.output(choices, finished=True))
 
     def _fail_request(self, state: RequestState, err: Exception) -> None:
         self._release(state)
@@ -404,6 +375,6 @@ class NativeEngine(Engine):
         for seq in state.sequences:
             if seq.finish_reason is None:
                 seq.finish_reason = "abort"
-            self.scheduler.leave(seq)
+            self.scheduler.finish(seq)
         self._dequeue(state)
         self._requests.pop(state.request.request_id, None)

@@ -3,8 +3,8 @@
 The scheduler asks for a pack between steps and never waits for one: a pack not
 on the device is loaded by a background thread (once, however many requests
 want it) and becomes visible only when every tensor is in place and verified.
-Packs used by running sequences are pinned; only unpinned ones are evicted,
-least recently used first.
+A pack handed out is leased: it stays on the device until every lease on it is
+released; only packs without leases are evicted, least recently used first.
 """
 
 from __future__ import annotations
@@ -21,8 +21,9 @@ import torch
 
 from modserve.engine.base import EngineObserver, NullObserver, PackUnavailableError
 from modserve.engine.native.model import LayerWeights, ModelArgs, OuterWeights
+from modserve.engine.native.weights import layer_weights, outer_weights
 from modserve.errors import ModserveError
-from modserve.packs.format import Manifest, ResidentHashes, load_pack, read_manifest
+from modserve.packs.format import Manifest, ResidentHashes, load_verified_pack, read_manifest
 
 log = logging.getLogger(__name__)
 RETRY_FAILED_AFTER_S = 30.0
@@ -56,6 +57,23 @@ class PackWeights:
 
         layers = {i: move_all(layer) for i, layer in self.layers.items()}
         return PackWeights(self.language, layers, move_all(self.outer) if self.outer else None)
+
+
+class PackLease:
+    """One holder's claim on a pack on the device; `release` is idempotent."""
+
+    def __init__(self, pool: PackPool, weights: PackWeights):
+        self.weights = weights
+        self._pool: PackPool | None = pool
+
+    @property
+    def language(self) -> str:
+        return self.weights.language
+
+    def release(self) -> None:
+        if self._pool is not None:
+            self._pool._unpin(self.language)
+            self._pool = None
 
 
 def serving_bytes(manifest: Manifest, dtype: torch.dtype) -> int:
@@ -118,8 +136,8 @@ class PackPool:
 
     # --- called by the scheduler between steps -----------------------------------------
 
-    def acquire(self, language: str) -> PackWeights | None:
-        """The pack, pinned, if it is on the device; else start bringing it there and return None."""
+    def acquire(self, language: str) -> PackLease | None:
+        """A lease on the pack if it is on the device; else start bringing it there and return None."""
         with self._lock:
             failed = self._failed.get(language)
             if failed and time.monotonic() - failed[0] < RETRY_FAILED_AFTER_S:
@@ -128,7 +146,7 @@ class PackPool:
             if pack is not None:
                 self._device.move_to_end(language)
                 self._pins[language] = self._pins.get(language, 0) + 1
-                return pack
+                return PackLease(self, pack)
             if language in self._loading:
                 return None
             spilled = self._host.pop(language, None)  # held aside, so making room can't drop it
@@ -139,7 +157,7 @@ class PackPool:
                 self._host[language] = spilled
             return None
 
-    def release(self, language: str) -> None:
+    def _unpin(self, language: str) -> None:
         with self._lock:
             self._pins[language] -= 1
 
@@ -193,15 +211,11 @@ class PackPool:
             self.wakeup.set()
 
     def _load_from_disk(self, language: str) -> PackWeights:
-        path = self.paths[language]
-        manifest, tensors = load_pack(path)  # checks every tensor's sha256
-        self.resident.check(manifest, path)
-        layers = {
-            i: LayerWeights.from_hf(tensors, i, self.device, self.dtype) for i in manifest.layers
-        }
+        manifest, tensors = load_verified_pack(self.paths[language], self.resident, language)
+        layers = {i: layer_weights(tensors, i, self.device, self.dtype) for i in manifest.layers}
         outer = None
         if manifest.non_layer_tensors:
-            outer = OuterWeights.from_hf(tensors, self.args, self.device, self.dtype)
+            outer = outer_weights(tensors, self.args, self.device, self.dtype)
         return PackWeights(language, layers, outer)
 
     # --- reporting -------------------------------------------------------------------------

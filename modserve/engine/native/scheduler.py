@@ -1,11 +1,14 @@
-"""Continuous batching over language groups, with chunked prefill.
+"""Continuous batching over language groups, with chunked prefill: one `StepPlan` per step.
 
 Decoding sequences sit in KV-cache slots 0..R-1, ordered by language group, so a
 decode step reads the cache through slices and runs each swapped layer once per
 group on a contiguous run of rows; sequences still prefilling follow in R..R+P-1.
-The order is restored only when the batch changes, by moving the few sequences
+The order is restored only when the batch changed, by moving the few sequences
 that are out of place. A step prefills at most `max_prefill_tokens` prompt tokens,
 so one long prompt cannot stall every running request for its whole length.
+
+The scheduler only decides; the engine applies the plan (cache moves, prefill,
+decode), then reports back with `prefilled` and `finish`.
 """
 
 from __future__ import annotations
@@ -15,10 +18,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from modserve.engine.base import RESIDENT, FinishReason, GenerationRequest, PackUnavailableError
+from modserve.engine.base import FinishReason, GenerationRequest, PackUnavailableError
 from modserve.engine.native.model import Group
-from modserve.engine.native.pool import PackPool, PackWeights
+from modserve.engine.native.pool import PackLease, PackPool
 from modserve.engine.text import TextStream
+from modserve.languages import RESIDENT
 
 
 @dataclass
@@ -34,7 +38,7 @@ class Sequence:
     token_ids: list[int] = field(default_factory=list)
     cached: int = 0  # tokens whose K/V are in the cache
     slot: int = -1
-    pack: PackWeights | None = None
+    lease: PackLease | None = None  # held from admission to finish (resident: None)
     finish_reason: FinishReason | None = None
 
     @property
@@ -44,6 +48,29 @@ class Sequence:
     @property
     def prompt(self) -> list[int]:
         return self.request.prompt_token_ids
+
+
+@dataclass
+class PrefillChunk:
+    seq: Sequence
+    size: int  # prompt tokens [seq.cached, seq.cached + size) are cached this step
+
+
+@dataclass
+class StepPlan:
+    """Everything one step does, in order: move slots, prefill chunks, decode rows."""
+
+    moves: tuple[list[int], list[int]]  # (src, dst) cache slots, positions [0, move_length)
+    move_length: int
+    prefill: list[PrefillChunk]  # by language group, then arrival
+    prefill_groups: list[Group]  # over prefill sequences
+    decode: list[Sequence]  # row b is cache slot b
+    decode_groups: list[Group]
+    refused: list[tuple[Sequence, PackUnavailableError]]  # their pack failed to load
+
+    @property
+    def empty(self) -> bool:
+        return not self.prefill and not self.decode
 
 
 class Scheduler:
@@ -60,63 +87,80 @@ class Scheduler:
         """Every sequence holding a cache slot: decoding, then prefilling."""
         return [*self.running, *self.prefilling]
 
-    def admit(self) -> tuple[list[tuple[Sequence, int]], list[tuple[Sequence, PackUnavailableError]]]:
-        """This step's prefill chunks (sequence, prompt tokens), and the sequences whose pack failed.
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
 
-        Sequences already prefilling go first; waiting ones then take free slots (their pack
+    def schedule(self) -> StepPlan:
+        moves = self._regroup()
+        length = max((s.cached for s in self.slotted), default=0)
+        chunks, refused = self._admit()
+        chunks.sort(key=lambda c: (c.seq.language, c.seq.arrival))
+        decode = list(self.running)
+        return StepPlan(
+            moves, length, chunks, self.groups([c.seq for c in chunks]), decode, self.groups(decode), refused
+        )
+
+    def prefilled(self, chunks: list[PrefillChunk]) -> list[Sequence]:
+        """Account a step's prefill; sequences whose whole prompt is cached join the decoders
+        (the next plan puts them in place). Returns those."""
+        done = []
+        for chunk in chunks:
+            chunk.seq.cached += chunk.size
+            if chunk.seq.cached == len(chunk.seq.prompt) and chunk.seq in self.prefilling:
+                self.prefilling.remove(chunk.seq)
+                self.running.append(chunk.seq)
+                done.append(chunk.seq)
+        return done
+
+    def finish(self, seq: Sequence) -> None:
+        """Drop a finished or aborted sequence from the batch or the queue; release its pack."""
+        for members in (self.running, self.prefilling, self.waiting):
+            if seq in members:
+                members.remove(seq)
+                break
+        if seq.lease is not None:
+            seq.lease.release()
+            seq.lease = None
+
+    def _admit(self) -> tuple[list[PrefillChunk], list[tuple[Sequence, PackUnavailableError]]]:
+        """Sequences already prefilling go first; waiting ones then take free slots (their pack
         on device) while the token budget lasts. A sequence whose pack is still loading stays
-        waiting without holding up other languages. Call only when the slots are compact.
-        """
+        waiting without holding up other languages. Called with the slots compact."""
         budget = self.max_prefill_tokens
         chunks = []
         for seq in sorted(self.prefilling, key=lambda s: s.arrival):
             if budget == 0:
                 break
             size = min(len(seq.prompt) - seq.cached, budget)
-            chunks.append((seq, size))
+            chunks.append(PrefillChunk(seq, size))
             budget -= size
-        failed, kept = [], deque()
+        refused, kept = [], deque()
         free_slot = len(self.running) + len(self.prefilling)
         while self.waiting:
             seq = self.waiting.popleft()
             if free_slot >= self.max_batch_size or budget == 0:
                 kept.append(seq)
                 continue
-            try:
-                pack = self.pool.acquire(seq.language) if seq.language != RESIDENT else None
-            except PackUnavailableError as err:
-                failed.append((seq, err))
-                continue
-            if seq.language != RESIDENT and pack is None:
-                kept.append(seq)
-                continue
-            seq.pack, seq.slot = pack, free_slot
+            if seq.language != RESIDENT:
+                try:
+                    seq.lease = self.pool.acquire(seq.language)
+                except PackUnavailableError as err:
+                    refused.append((seq, err))
+                    continue
+                if seq.lease is None:
+                    kept.append(seq)
+                    continue
+            seq.slot = free_slot
             free_slot += 1
             size = min(len(seq.prompt), budget)
             budget -= size
             self.prefilling.append(seq)
-            chunks.append((seq, size))
+            chunks.append(PrefillChunk(seq, size))
         self.waiting = kept
-        return chunks, failed
+        return chunks, refused
 
-    def join(self, sequences: list[Sequence]) -> None:
-        """Fully prefilled sequences start decoding (the next regroup puts them in place)."""
-        for seq in sequences:
-            self.prefilling.remove(seq)
-            self.running.append(seq)
-
-    def leave(self, seq: Sequence) -> None:
-        """Drop a finished or aborted sequence from the batch or the queue; unpin its pack."""
-        for members in (self.running, self.prefilling, self.waiting):
-            if seq in members:
-                members.remove(seq)
-                break
-        if seq.pack is not None:  # only a slotted sequence holds its pack
-            self.pool.release(seq.language)
-            seq.pack = None
-
-    def regroup(self) -> tuple[list[int], list[int]]:
-        """Restore the slot layout; return the (src, dst) slot moves to apply to the cache.
+    def _regroup(self) -> tuple[list[int], list[int]]:
+        """Restore the slot layout; return the (src, dst) slot moves that do it.
 
         Each language group of `running` gets a contiguous range, in language order, and
         `prefilling` the range after them; members already inside their range stay put, the
@@ -141,13 +185,14 @@ class Scheduler:
         self.prefilling.sort(key=lambda s: s.slot)
         return src, dst
 
-    def groups(self, sequences: list[Sequence]) -> list[Group]:
+    @staticmethod
+    def groups(sequences: list[Sequence]) -> list[Group]:
         """Contiguous runs of rows that share a language, with that language's weights."""
         groups: list[Group] = []
         for row, seq in enumerate(sequences):
             if groups and sequences[row - 1].language == seq.language:
                 groups[-1].end = row + 1
                 continue
-            pack = seq.pack
+            pack = seq.lease.weights if seq.lease else None
             groups.append(Group(row, row + 1, pack.layers if pack else {}, pack.outer if pack else None))
         return groups

@@ -6,10 +6,10 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from modserve.demo.synthetic import TinySpec, build_family
+from modserve.files import atomic_dir
 from modserve.packs.build import BuildJob, build_packs
-from modserve.packs.format import atomic_dir
 from modserve.packs.plan import Plan
-from modserve.synthetic import TinySpec, build_family
 
 DEMO_LANGUAGES = ("sw", "te", "bn", "ja")
 DEMO_SPEC = TinySpec(num_layers=12, planted_bottom=3, planted_top=2, dtype="float32", seed=2025)

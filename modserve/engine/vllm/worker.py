@@ -6,7 +6,7 @@ worker is where the weights live, so the packs are read, verified and kept there
 swap is a host-to-device copy through vLLM's layer-wise reload, with no file written
 or parsed per swap, and what is swapped in is exactly what was verified.
 
-This module is imported inside vLLM's processes, never by `modserve.engine.vllm` itself.
+This module is imported inside vLLM's processes; the engine only names it (`EXTENSION`).
 """
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ from pathlib import Path
 import torch
 
 from modserve.checkpoint import Checkpoint, layer_index
-from modserve.engine.base import RESIDENT
-from modserve.errors import ModserveError, PackError
-from modserve.packs.format import ResidentHashes, load_pack
+from modserve.errors import ModserveError
+from modserve.languages import RESIDENT
+from modserve.packs.format import ResidentHashes, load_verified_pack
 
 EXTENSION = f"{__name__}.PackSwapExtension"
 # vLLM warns about every module a reload leaves alone; a pack leaves most alone on purpose.
@@ -59,10 +59,7 @@ class PackStore:
     def load(self, language: str, path: Path) -> int:
         """Read, verify (sha256 of every tensor, fingerprint of the resident) and keep one pack;
         returns its size in bytes. Raises ModserveError for a pack that must not serve."""
-        manifest, tensors = load_pack(path)
-        if manifest.language != language:
-            raise PackError(f"packs.{language}: {path} is the {manifest.language!r} pack")
-        self._hashes.check(manifest, Path(path))
+        _, tensors = load_verified_pack(path, self._hashes, language)
         self._packs[language] = {name: self._host(tensor) for name, tensor in tensors.items()}
         for unit in self.units(language):
             for name in self._names[unit]:

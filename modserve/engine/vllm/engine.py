@@ -2,10 +2,9 @@
 
 vLLM brings paged attention, CUDA graphs, tensor and pipeline parallelism; but one vLLM
 step runs one set of weights. So requests wait in per-language queues and are admitted
-to vLLM one language group at a time (`LanguageGroups`). Between groups, with no request
-left in vLLM, the workers reload the next pack's layers in place
-(`modserve.engine.vllm_worker`) and the prefix cache is reset, so no KV computed under
-other layers is ever reused.
+to vLLM one language group at a time (`policy.LanguageGroups`). Between groups, with no
+request left in vLLM, the workers reload the next pack's layers in place (`worker`) and the
+prefix cache is reset, so no KV computed under other layers is ever reused.
 
 vLLM is imported when the engine starts, not with this module: importing it takes seconds.
 """
@@ -16,10 +15,7 @@ import asyncio
 import functools
 import importlib.util
 import logging
-import os
 import time
-from collections import deque
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,29 +23,31 @@ from typing import Any
 from modserve.checkpoint import Checkpoint
 from modserve.config import ServeConfig
 from modserve.engine.base import (
-    RESIDENT,
     ChoiceDelta,
     Engine,
     EngineError,
     EngineStats,
-    FinishReason,
     GenerationRequest,
-    InvalidRequestError,
     OutputStream,
     PackUnavailableError,
-    QueueFullError,
     RequestOutput,
-    SamplingParams,
-    TokenLogprob,
 )
 from modserve.engine.loading import is_gguf, load_tokenizer, resolve_dtype
-from modserve.engine.vllm_worker import EXTENSION
+from modserve.engine.vllm.conversion import (
+    FINISH_REASONS,
+    StepRecorder,
+    engine_error,
+    set_cpu_kv_cache_default,
+    vllm_logprobs,
+    vllm_sampling_params,
+)
+from modserve.engine.vllm.policy import LanguageGroups
+from modserve.engine.vllm.worker import EXTENSION
 from modserve.errors import ModserveError
+from modserve.languages import RESIDENT
 
 log = logging.getLogger(__name__)
-CPU_KV_CACHE_GIB = "1"  # vLLM-CPU's own default claims a large share of host memory
 RESET_ATTEMPTS, RESET_RETRY_SECONDS = 50, 0.02
-FINISH_REASONS: dict[str, FinishReason] = {"stop": "stop", "length": "length", "abort": "abort", "repetition": "stop"}
 
 
 @dataclass
@@ -90,157 +88,6 @@ class VllmRequest:
         return self.output([ChoiceDelta(i, "", [], "abort") for i in range(self.request.params.n)], True)
 
 
-class LanguageGroups:
-    """Waiting requests by language, and the policy deciding whose layers the model holds.
-
-    The active group admits freely while it is alone. Once another language waits, the
-    active group admits for `time_slice` more seconds (counted from when that language began
-    waiting, or from the swap if later), so every swap is paid for by a slice of work and no
-    language starves. Then admission stops, the running requests finish on the weights they
-    started with, and the language whose oldest request has waited longest goes next.
-    `resident` is a group like any other.
-    """
-
-    def __init__(self, time_slice: float, max_waiting: int, clock: Callable[[], float] = time.monotonic):
-        self.time_slice, self.max_waiting, self.clock = time_slice, max_waiting, clock
-        self.queues: dict[str, deque[VllmRequest]] = {}
-        self.active: str | None = RESIDENT  # whose layers the model holds; None: unknown
-        self.active_since = clock()
-
-    def __len__(self) -> int:
-        return sum(len(queue) for queue in self.queues.values())
-
-    def push(self, item: VllmRequest) -> None:
-        if len(self) >= self.max_waiting:
-            raise QueueFullError(f"{len(self)} requests are already waiting; retry later")
-        self.queues.setdefault(item.language, deque()).append(item)
-
-    def find(self, request_id: str) -> VllmRequest | None:
-        return next((item for queue in self.queues.values() for item in queue if item.id == request_id), None)
-
-    def remove(self, item: VllmRequest) -> None:
-        self.queues[item.language].remove(item)
-
-    def take_all(self, language: str) -> list[VllmRequest]:
-        return list(self.queues.pop(language, ()))
-
-    def activate(self, target: str | None) -> None:
-        self.active, self.active_since = target, self.clock()
-
-    def slice_over(self) -> bool:
-        others = [queue[0].arrival for lang, queue in self.queues.items() if queue and lang != self.active]
-        return bool(others) and self.clock() - max(self.active_since, min(others)) >= self.time_slice
-
-    def pop_admissible(self) -> VllmRequest | None:
-        """The active group's next request, while its slice lasts."""
-        queue = self.queues.get(self.active)
-        if not queue or self.slice_over():
-            return None
-        return queue.popleft()
-
-    def next_group(self) -> str | None:
-        """The group to hold the model once nothing runs: the active one while its slice lasts,
-        else the language whose oldest request has waited longest."""
-        heads = {lang: queue[0].arrival for lang, queue in self.queues.items() if queue}
-        if self.active in heads and not self.slice_over():
-            return self.active
-        others = {lang: arrival for lang, arrival in heads.items() if lang != self.active} or heads
-        return min(others, key=others.__getitem__) if others else None
-
-    def by_language(self) -> dict[str, int]:
-        return {lang: len(queue) for lang, queue in self.queues.items() if queue}
-
-
-class StepRecorder:
-    """A per-engine vLLM stat logger (duck-typed, so this module needs no vLLM import): every
-    engine step reports its batch to the observer and its KV-cache use to `stats()`."""
-
-    def __init__(self, observe_step: Callable[[int, int], None]):
-        self.observe_step = observe_step
-        self.kv_cache_usage = 0.0
-
-    def __call__(self, vllm_config, engine_index: int = 0) -> StepRecorder:
-        return self  # vLLM calls the factory once per engine; there is one engine
-
-    def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None, engine_idx: int = 0) -> None:
-        if scheduler_stats is None:
-            return
-        self.kv_cache_usage = scheduler_stats.kv_cache_usage
-        if scheduler_stats.num_running_reqs:
-            self.observe_step(1, scheduler_stats.num_running_reqs)  # one language per step, by design
-
-    def log_engine_initialized(self) -> None:
-        pass
-
-    def log(self) -> None:
-        pass
-
-    def record_sleep_state(self, is_awake: int, level: int) -> None:
-        pass
-
-
-def vllm_sampling_params(params: SamplingParams, max_tokens: int):
-    """Ours to vLLM's, streaming deltas. vLLM adds the model's own EOS ids (generation_config);
-    greedy requests decode one choice (see VllmRequest.copies)."""
-    from vllm import SamplingParams as VllmSamplingParams
-    from vllm.exceptions import VLLMClientError
-    from vllm.sampling_params import RequestOutputKind
-
-    try:
-        return VllmSamplingParams(
-            n=1 if params.greedy else params.n,
-            temperature=params.temperature,
-            top_p=params.top_p,
-            top_k=params.top_k,
-            seed=params.seed,
-            stop=list(params.stop),
-            stop_token_ids=list(params.stop_token_ids),
-            ignore_eos=params.ignore_eos,
-            max_tokens=max_tokens,
-            logprobs=params.logprobs,
-            presence_penalty=params.presence_penalty,
-            frequency_penalty=params.frequency_penalty,
-            repetition_penalty=params.repetition_penalty,
-            logit_bias=dict(params.logit_bias) or None,
-            skip_special_tokens=True,
-            output_kind=RequestOutputKind.DELTA,
-        )
-    except (VLLMClientError, ValueError) as err:
-        raise InvalidRequestError(str(err), param=getattr(err, "parameter", None)) from None
-
-
-def vllm_logprobs(token_ids, positions, k: int) -> list[TokenLogprob]:
-    """vLLM's per-position {token id: Logprob(logprob, rank)} (the top k plus the chosen one)."""
-    out = []
-    for token, alternatives in zip(token_ids, positions, strict=True):
-        top = sorted((lp.rank, t, lp.logprob) for t, lp in alternatives.items() if lp.rank <= k)
-        out.append(TokenLogprob(token, alternatives[token].logprob, tuple((t, lp) for _, t, lp in top)))
-    return out
-
-
-def engine_error(err: Exception) -> EngineError:
-    """vLLM's exceptions as the API's: the request's fault (400) or the server's (500)."""
-    from vllm.exceptions import VLLMClientError
-    from vllm.v1.engine.exceptions import EngineDeadError
-
-    if isinstance(err, EngineError):
-        return err
-    if isinstance(err, VLLMClientError | ValueError):
-        return InvalidRequestError(str(err), param=getattr(err, "parameter", None))
-    if isinstance(err, EngineDeadError):
-        return EngineError("vLLM's engine core died; the server must be restarted")
-    return EngineError(f"generation failed: {type(err).__name__}: {err}")
-
-
-def set_cpu_kv_cache_default(args: dict) -> None:
-    """vLLM-CPU sizes its KV cache from VLLM_CPU_KVCACHE_SPACE (GiB), which overrides the
-    `kv_cache_memory_bytes` engine argument: set it only when neither is given."""
-    from vllm.platforms import current_platform
-
-    if current_platform.is_cpu() and "kv_cache_memory_bytes" not in args:
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", CPU_KV_CACHE_GIB)
-
-
 class VllmEngine(Engine):
     def __init__(
         self,
@@ -260,7 +107,7 @@ class VllmEngine(Engine):
         self._running: dict[str, VllmRequest] = {}
         self._failed: dict[str, str] = {}  # language -> why its pack does not serve
         self._pack_bytes: dict[str, int] = {}
-        self._steps = StepRecorder(lambda languages, batch: self.observer.step(languages, batch))
+        self._steps = StepRecorder(self._observe_step)
         self._wake = asyncio.Event()
         self._scheduler: asyncio.Task | None = None
         self._vllm_starting: asyncio.Future | None = None
@@ -305,6 +152,10 @@ class VllmEngine(Engine):
     @property
     def ready(self) -> bool:
         return self._ready and self._llm is not None and not self._llm.errored
+
+    def _observe_step(self, batch_size: int) -> None:
+        """The languages of the requests in vLLM now: one, unless group admission is broken."""
+        self.observer.step(len({item.language for item in self._running.values()}), batch_size)
 
     @property
     def active_group(self) -> str | None:

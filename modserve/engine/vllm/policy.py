@@ -1,0 +1,85 @@
+"""Which language's layers the vLLM model holds, and which waiting request goes in next.
+
+One vLLM step runs one set of weights, so requests wait in per-language queues and are
+admitted one language group at a time. The policy knows nothing about vLLM: it orders
+waiting items (anything with an id, a language and an arrival time).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Protocol
+
+from modserve.engine.base import QueueFullError
+from modserve.languages import RESIDENT
+
+
+class Waiting(Protocol):
+    @property
+    def id(self) -> str: ...
+    @property
+    def language(self) -> str: ...
+    arrival: float
+
+
+class LanguageGroups:
+    """Waiting requests by language, and the policy deciding whose layers the model holds.
+
+    The active group admits freely while it is alone. Once another language waits, the
+    active group admits for `time_slice` more seconds (counted from when that language began
+    waiting, or from the swap if later), so every swap is paid for by a slice of work and no
+    language starves. Then admission stops, the running requests finish on the weights they
+    started with, and the language whose oldest request has waited longest goes next.
+    `resident` is a group like any other.
+    """
+
+    def __init__(self, time_slice: float, max_waiting: int, clock: Callable[[], float] = time.monotonic):
+        self.time_slice, self.max_waiting, self.clock = time_slice, max_waiting, clock
+        self.queues: dict[str, deque[Waiting]] = {}
+        self.active: str | None = RESIDENT  # whose layers the model holds; None: unknown
+        self.active_since = clock()
+
+    def __len__(self) -> int:
+        return sum(len(queue) for queue in self.queues.values())
+
+    def push(self, item: Waiting) -> None:
+        if len(self) >= self.max_waiting:
+            raise QueueFullError(f"{len(self)} requests are already waiting; retry later")
+        self.queues.setdefault(item.language, deque()).append(item)
+
+    def find(self, request_id: str) -> Waiting | None:
+        return next((item for queue in self.queues.values() for item in queue if item.id == request_id), None)
+
+    def remove(self, item: Waiting) -> None:
+        self.queues[item.language].remove(item)
+
+    def take_all(self, language: str) -> list[Waiting]:
+        return list(self.queues.pop(language, ()))
+
+    def activate(self, target: str | None) -> None:
+        self.active, self.active_since = target, self.clock()
+
+    def slice_over(self) -> bool:
+        others = [queue[0].arrival for lang, queue in self.queues.items() if queue and lang != self.active]
+        return bool(others) and self.clock() - max(self.active_since, min(others)) >= self.time_slice
+
+    def pop_admissible(self) -> Waiting | None:
+        """The active group's next request, while its slice lasts."""
+        queue = self.queues.get(self.active)
+        if not queue or self.slice_over():
+            return None
+        return queue.popleft()
+
+    def next_group(self) -> str | None:
+        """The group to hold the model once nothing runs: the active one while its slice lasts,
+        else the language whose oldest request has waited longest."""
+        heads = {lang: queue[0].arrival for lang, queue in self.queues.items() if queue}
+        if self.active in heads and not self.slice_over():
+            return self.active
+        others = {lang: arrival for lang, arrival in heads.items() if lang != self.active} or heads
+        return min(others, key=others.__getitem__) if others else None
+
+    def by_language(self) -> dict[str, int]:
+        return {lang: len(queue) for lang, queue in self.queues.items() if queue}
