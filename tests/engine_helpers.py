@@ -22,6 +22,7 @@ class RecordingObserver:
         self.failures: list[str] = []
         self.swaps: list[str] = []
         self.steps: list[tuple[int, int]] = []
+        self.step_failures = 0
 
     def pack_loaded(self, language, source, seconds):
         self.loads.append((language, source))
@@ -34,6 +35,9 @@ class RecordingObserver:
 
     def step(self, languages, batch_size):
         self.steps.append((languages, batch_size))
+
+    def step_failed(self):
+        self.step_failures += 1
 
 
 def chat_ids(engine, text: str) -> list[int]:
@@ -62,7 +66,7 @@ async def collect(engine, request: GenerationRequest) -> dict:
         last = out
     return {
         "tokens": tokens, "text": text, "reasons": reasons, "logprobs": logprobs,
-        "usage": (last.prompt_tokens, last.completion_tokens),
+        "usage": (last.prompt_tokens, last.completion_tokens), "cached": last.cached_tokens,
     }
 
 

@@ -77,6 +77,9 @@ class Counting:
     def step(self, languages, batch_size):
         pass
 
+    def step_failed(self):
+        self.failures += 1
+
 
 class MemoryPeak:
     """Peak memory above the level at entry: anonymous RSS on CPU, allocated bytes on CUDA.

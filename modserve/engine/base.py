@@ -17,6 +17,8 @@ from modserve.errors import ModserveError
 from modserve.languages import RESIDENT
 
 MAX_LOGPROBS = 20  # alternatives per token, as vLLM's default max_logprobs
+SAMPLING_EPS = 1e-5  # a temperature below this is greedy, as in vLLM
+SEED_RANGE = (-(2**63), 2**63 - 1)  # int64, as vLLM accepts
 FinishReason = Literal["stop", "length", "abort"]
 
 
@@ -46,10 +48,21 @@ class EngineNotReadyError(EngineError):
     code = "not_ready"
 
 
+class EngineDeadError(EngineError):
+    """The engine loop is gone: nothing more will be served by this process (restart it)."""
+
+    code = "engine_dead"
+
+
 class PackUnavailableError(EngineError):
-    """The pack for this language cannot be served (e.g. corrupted on disk); others still serve."""
+    """The pack for this language cannot be served (e.g. corrupted on disk); others still serve.
+    The message is for clients: the reason, with its file paths, goes to the server log."""
 
     code = "pack_unavailable"
+
+    def __init__(self, language: str):
+        super().__init__(f"the {language!r} pack is unavailable: it failed to load or verify (the server log has the reason)")
+        self.language = language
 
 
 @dataclass(frozen=True)
@@ -75,6 +88,7 @@ class SamplingParams:
         checks = [
             ("max_tokens", self.max_tokens is None or self.max_tokens >= 1, "must be at least 1"),
             ("temperature", 0.0 <= self.temperature <= 100.0, "must be in [0, 100]"),
+            ("seed", self.seed is None or SEED_RANGE[0] <= self.seed <= SEED_RANGE[1], "must fit in 64 bits (int64)"),
             ("top_p", 0.0 < self.top_p <= 1.0, "must be in (0, 1]"),
             ("top_k", self.top_k >= 0, "must be 0 (off) or positive"),
             ("n", 1 <= self.n <= 128, "must be in [1, 128]"),
@@ -92,7 +106,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0 or self.top_k == 1
+        return self.temperature < SAMPLING_EPS or self.top_k == 1
 
     @property
     def adjusts_logits(self) -> bool:
@@ -135,6 +149,7 @@ class RequestOutput:
     prompt_tokens: int
     completion_tokens: int  # so far, all choices together
     finished: bool = False
+    cached_tokens: int = 0  # prompt tokens whose KV came from a prefix cache
 
 
 @dataclass
@@ -188,6 +203,7 @@ class EngineObserver(Protocol):
     def pack_load_failed(self, language: str, reason: str) -> None: ...
     def pack_swapped(self, language: str, seconds: float) -> None: ...
     def step(self, languages: int, batch_size: int) -> None: ...
+    def step_failed(self) -> None: ...
 
 
 class NullObserver:
@@ -203,11 +219,40 @@ class NullObserver:
     def step(self, languages: int, batch_size: int) -> None:
         pass
 
+    def step_failed(self) -> None:
+        pass
+
+
+class InjectedFault(RuntimeError):
+    """Raised on purpose by `Faults`."""
+
+
+class Faults:
+    """A test hook for the reliability suite: make the next engine steps raise, or the engine
+    loop itself die, as a real fault would. Unarmed (the default) it does nothing."""
+
+    def __init__(self):
+        self.steps_to_fail = 0
+        self.kill_loop = False
+
+    def fail_steps(self, count: int = 1) -> None:
+        self.steps_to_fail += count
+
+    def check_step(self) -> None:
+        if self.steps_to_fail > 0:
+            self.steps_to_fail -= 1
+            raise InjectedFault("injected engine step failure")
+
+    def check_loop(self) -> None:
+        if self.kill_loop:
+            raise InjectedFault("injected engine loop death")
+
 
 class Engine(abc.ABC):
     """One resident model, packs by language, continuous batching behind an async API."""
 
     observer: EngineObserver = NullObserver()
+    faults: Faults  # each engine makes its own
 
     @property
     @abc.abstractmethod
@@ -225,7 +270,13 @@ class Engine(abc.ABC):
 
     @property
     @abc.abstractmethod
-    def ready(self) -> bool: ...
+    def ready(self) -> bool:
+        """Requests can be served: the resident is loaded and the engine loop runs."""
+
+    @property
+    @abc.abstractmethod
+    def alive(self) -> bool:
+        """False once the engine loop died: every request then fails with EngineDeadError."""
 
     @abc.abstractmethod
     async def start(self) -> None:
@@ -247,8 +298,19 @@ class Engine(abc.ABC):
     @abc.abstractmethod
     def stats(self) -> EngineStats: ...
 
+    @property
+    def vocab_size(self) -> int:
+        return len(self.tokenizer)
+
+    def check_token_ids(self, ids, param: str) -> None:
+        vocab = self.vocab_size
+        if any(not 0 <= t < vocab for t in ids):
+            raise InvalidRequestError(f"{param}: token ids must be in [0, {vocab})", param=param)
+
     def check_request(self, request: GenerationRequest) -> None:
         """Refusals common to every backend, before anything is queued."""
+        if not self.alive:
+            raise EngineDeadError("the engine loop died; this server must be restarted")
         if not self.ready:
             raise EngineNotReadyError("the resident model is still loading")
         if request.language != RESIDENT and request.language not in self.languages:
@@ -256,11 +318,8 @@ class Engine(abc.ABC):
         prompt = len(request.prompt_token_ids)
         if prompt == 0:
             raise InvalidRequestError("the prompt is empty", param="prompt")
-        vocab = len(self.tokenizer)
-        if any(not 0 <= t < vocab for t in request.prompt_token_ids):
-            raise InvalidRequestError(f"prompt token ids must be in [0, {vocab})", param="prompt")
-        if any(not 0 <= t < vocab for t, _ in request.params.logit_bias):
-            raise InvalidRequestError(f"logit_bias token ids must be in [0, {vocab})", param="logit_bias")
+        self.check_token_ids(request.prompt_token_ids, "prompt")
+        self.check_token_ids([t for t, _ in request.params.logit_bias], "logit_bias")
         wanted = prompt + (request.params.max_tokens or 1)
         if wanted > self.max_model_len:
             raise PromptTooLongError(

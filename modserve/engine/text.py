@@ -7,6 +7,8 @@ could still grow into a stop string waits until it cannot.
 
 from __future__ import annotations
 
+from modserve.engine.base import FinishReason
+
 PROMPT_CONTEXT = 6  # prompt tokens decoded with the output, so leading spaces come out right
 
 
@@ -23,6 +25,19 @@ class TextStream:
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def advance(self, token_id: int, stop_ids: frozenset[int], length_reached: bool) -> tuple[str, FinishReason | None]:
+        """One generated token: the text it releases and the finish reason it causes, if any —
+        a stop id (its text is dropped), a stop string (the text is cut before it), or the
+        length limit. Both backends decide a choice's text and its end here, token by token."""
+        if token_id in stop_ids:
+            return self.finish(), "stop"
+        text, hit_stop = self.push(token_id)
+        if hit_stop:
+            return text, "stop"
+        if length_reached:
+            return text + self.finish(), "length"
+        return text, None
 
     def push(self, token_id: int) -> tuple[str, bool]:
         """Add one token; return (text now final, hit a stop string)."""

@@ -16,6 +16,7 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from modserve import __version__
 from modserve.config import ServeConfig
@@ -25,7 +26,7 @@ from modserve.server.chat import ChatServing
 from modserve.server.completions import CompletionServing
 from modserve.server.errors import ApiError, from_engine_error
 from modserve.server.metrics import Metrics
-from modserve.server.middleware import BodyLimit, RequestAccounting
+from modserve.server.middleware import AppStatus, BodyLimit, RequestAccounting
 from modserve.server.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
 
 log = logging.getLogger("modserve.server")
@@ -40,7 +41,7 @@ def create_app(
     metrics = Metrics(engine.languages)
     chat = ChatServing(engine, router, metrics, config.server.log_prompts)
     completion = CompletionServing(engine, router, metrics, config.server.log_prompts)
-    status = {"draining": False, "error": None}
+    status = AppStatus()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -51,7 +52,7 @@ def create_app(
         try:
             yield
         finally:
-            status["draining"] = True
+            status.draining = True
             if not loading.done():
                 loading.cancel()
             await engine.shutdown()
@@ -62,14 +63,16 @@ def create_app(
         if task.exception() is None:
             log.info("ready: resident loaded, packs %s", ", ".join(engine.languages) or "none")
             return
-        status["error"] = task.exception()
+        status.start_failed = True
         log.error("engine failed to start: %s", task.exception())
         if on_start_failure is not None:
             on_start_failure(task.exception())
 
     app = FastAPI(title="modserve", version=__version__, lifespan=lifespan)
-    app.add_middleware(RequestAccounting, metrics=metrics)
+    app.state.status = status
+    app.add_middleware(RequestAccounting, metrics=metrics, status=status)
     app.add_middleware(BodyLimit, limit=int(config.server.max_request_bytes))
+    app.add_middleware(CatchAll)
 
     keys = [k.encode() for k in config.server.api_keys]
 
@@ -81,8 +84,14 @@ def create_app(
             raise ApiError(401, "missing or invalid API key (send Authorization: Bearer <key>)", None, "invalid_api_key")
 
     def serving_ready() -> None:
-        if not engine.ready or status["draining"]:
-            raise ApiError(503, "modserve is not ready: the resident model is loading or the server is draining", None, "not_ready")
+        if status.draining:
+            raise ApiError(503, "modserve is shutting down; retry on another replica", None, "draining")
+        if not engine.alive:
+            raise ApiError(503, "the engine loop died; this server must be restarted", None, "engine_dead")
+        if status.start_failed:
+            raise ApiError(503, "the engine failed to start (the server log has the reason)", None, "start_failed")
+        if not engine.ready:
+            raise ApiError(503, "modserve is not ready: the resident model is still loading", None, "not_ready")
 
     guarded = [Depends(authorize), Depends(serving_ready)]
 
@@ -104,19 +113,27 @@ def create_app(
         param = ".".join(loc) or None
         return ApiError(400, f"{param or 'body'}: {first['msg']}", param, "invalid_value").response()
 
-    @app.exception_handler(Exception)
-    async def internal_error(request: Request, err: Exception):
-        log.exception("unhandled error on %s", request.url.path)
-        return ApiError(500, f"internal error: {type(err).__name__}", None, "internal_error").response()
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, err: StarletteHTTPException):
+        """Starlette's own: unknown routes, wrong methods, bodies it cannot parse."""
+        codes = {404: "unknown_route", 405: "method_not_allowed", 400: "invalid_body"}
+        messages = {
+            404: f"no route {request.url.path}",
+            405: f"{request.method} is not allowed on {request.url.path}",
+            400: "the body could not be parsed (send UTF-8 JSON)",
+        }
+        error = ApiError(err.status_code, messages.get(err.status_code, str(err.detail)), None, codes.get(err.status_code))
+        return error.response(headers=dict(err.headers or {}))
 
     @app.get("/health")
     async def health():
+        """Liveness: the process is up and its engine loop alive (a dead loop never recovers)."""
+        if not engine.alive:
+            raise ApiError(503, "the engine loop died; restart this server", None, "engine_dead")
         return {"status": "ok"}
 
     @app.get("/ready")
     async def ready():
-        if status["error"] is not None:
-            raise ApiError(503, f"the engine failed to start: {status['error']}", None, "start_failed")
         serving_ready()
         return {"status": "ready", "languages": engine.languages}
 
@@ -138,3 +155,29 @@ def create_app(
         return await completion.create(body, request)
 
     return app
+
+
+class CatchAll:
+    """Any exception no handler took becomes an OpenAI-shaped 500 (logged, not shown), and the
+    connection stays open: Starlette's own last resort re-raises, and the server then drops it."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = False
+
+        async def watch(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watch)
+        except Exception:
+            log.exception("unhandled error on %s", scope.get("path"))
+            if not started:
+                error = ApiError(500, "internal error (the server log has the details)", None, "internal_error")
+                await error.response()(scope, receive, send)

@@ -55,8 +55,8 @@ class ChatServing(Serving):
             raise ApiError(400, "the resident's tokenizer has no chat template; use /v1/completions", "messages")
         try:
             return chat_token_ids(tokenizer, messages)
-        except Exception as err:  # template errors are the client's messages, not a crash
-            raise ApiError(400, f"the chat template rejected these messages: {err}", "messages") from None
+        except Exception as err:  # well-formed messages the template cannot render: the client's, not a crash
+            raise ApiError(422, f"the chat template rejected these messages: {err}", "messages", "template_error") from None
 
     async def chunks(self, served: Served, outputs: Outputs, include_usage: bool) -> AsyncIterator[str]:
         def chunk(choices, usage=None) -> str:

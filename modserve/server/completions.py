@@ -66,6 +66,7 @@ class CompletionServing(Serving):
         tokenizer = self.engine.tokenizer
         if isinstance(prompt, str):
             return tokenizer(prompt)["input_ids"], prompt
+        self.engine.check_token_ids(prompt, "prompt")  # before decoding them
         return list(prompt), tokenizer.decode(prompt, skip_special_tokens=True)
 
     def shaped_logprobs(self, served: Served, index: int, logprobs: list[TokenLogprob] | None) -> CompletionLogprobs | None:

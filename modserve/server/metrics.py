@@ -79,6 +79,10 @@ class Metrics:
         self.pack_swap_seconds = Histogram(
             "modserve_pack_swap_seconds", "Time of one in-place swap", buckets=LOAD_BUCKETS, registry=r
         )
+        self.step_failures = Counter(
+            "modserve_engine_step_failures", "Engine steps that raised (their batch failed; the engine went on)",
+            registry=r,
+        )
         self.batch_languages = Histogram(
             "modserve_batch_languages", "Distinct languages in one decode step",
             buckets=(1, 2, 3, 4, 6, 8, 12, 16, 32), registry=r,
@@ -109,6 +113,9 @@ class Metrics:
 
     def step(self, languages: int, batch_size: int) -> None:
         self.batch_languages.observe(languages)
+
+    def step_failed(self) -> None:
+        self.step_failures.inc()
 
 
 class EngineCollector:

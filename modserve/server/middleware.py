@@ -21,6 +21,15 @@ OUTCOME = "modserve.outcome"  # the ASGI scope key
 
 
 @dataclass
+class AppStatus:
+    """What /ready and the shutdown drain need to know about the server as a whole."""
+
+    draining: bool = False  # SIGTERM received: new requests get 503, in-flight ones finish
+    start_failed: bool = False
+    in_flight: int = 0  # completion requests not yet answered to their last byte
+
+
+@dataclass
 class Outcome:
     language: str = "none"  # refused before routing, unless serving says otherwise
     failed: bool = False  # a stream that ended in an error event after its 200
@@ -34,25 +43,27 @@ def outcome(request: Request) -> Outcome:
 class RequestAccounting:
     """modserve_requests_total by endpoint, language and status; request duration to the last byte."""
 
-    def __init__(self, app, metrics: Metrics):
-        self.app, self.metrics = app, metrics
+    def __init__(self, app, metrics: Metrics, status: AppStatus):
+        self.app, self.metrics, self.status = app, metrics, status
 
     async def __call__(self, scope, receive, send):
         endpoint = ENDPOINTS.get(scope.get("path", "")) if scope["type"] == "http" else None
         if endpoint is None:
             return await self.app(scope, receive, send)
-        start, status, result = time.perf_counter(), {"code": 500}, Outcome()
+        start, response, result = time.perf_counter(), {"status": 500}, Outcome()
         scope[OUTCOME] = result
 
         async def watch(message):
             if message["type"] == "http.response.start":
-                status["code"] = message["status"]
+                response["status"] = message["status"]
             await send(message)
 
+        self.status.in_flight += 1
         try:
             await self.app(scope, receive, watch)
         finally:
-            code = "500" if result.failed else str(status["code"])
+            self.status.in_flight -= 1
+            code = "500" if result.failed else str(response["status"])
             self.metrics.requests.labels(endpoint, self.metrics.language(result.language), code).inc()
             self.metrics.request_duration.labels(endpoint).observe(time.perf_counter() - start)
 

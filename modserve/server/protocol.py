@@ -8,11 +8,13 @@ Unknown fields are ignored, as OpenAI-compatible servers commonly do.
 from __future__ import annotations
 
 import time
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from modserve.engine.base import MAX_LOGPROBS, InvalidRequestError, SamplingParams
+from modserve.engine.base import MAX_LOGPROBS, SEED_RANGE, InvalidRequestError, SamplingParams
+
+TokenId = Annotated[int, Field(ge=0)]
 
 
 class OpenAIModel(BaseModel):
@@ -52,7 +54,7 @@ class SamplingFields(OpenAIModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
     user: str | None = None
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
@@ -94,7 +96,7 @@ class SamplingFields(OpenAIModel):
     def token_biases(self) -> tuple[tuple[int, float], ...]:
         biases = []
         for token, bias in (self.logit_bias or {}).items():
-            if not token.isdigit():
+            if not (token.isascii() and token.isdigit()):
                 raise InvalidRequestError(f"logit_bias keys must be token ids, got {token!r}", "logit_bias")
             biases.append((int(token), bias))
         return tuple(biases)
@@ -132,7 +134,7 @@ class ChatCompletionRequest(SamplingFields):
 
 
 class CompletionRequest(SamplingFields):
-    prompt: str | list[str] | list[int] | list[list[int]]
+    prompt: str | list[str] | list[TokenId] | list[list[TokenId]]
     max_tokens: int | None = Field(16, ge=1)  # OpenAI's default for completions
     echo: bool = False
     suffix: str | None = None

@@ -22,8 +22,11 @@ from modserve.config import ServeConfig
 from modserve.engine.base import (
     ChoiceDelta,
     Engine,
+    EngineDeadError,
     EngineError,
+    EngineNotReadyError,
     EngineStats,
+    Faults,
     GenerationRequest,
     OutputStream,
     QueueFullError,
@@ -40,7 +43,7 @@ from modserve.engine.loading import (
 from modserve.engine.native.cache import KVCache
 from modserve.engine.native.model import Transformer
 from modserve.engine.native.output import OutputProcessor
-from modserve.engine.native.pool import PackPool
+from modserve.engine.native.pool import PackLease, PackPool
 from modserve.engine.native.sampling import make_generator
 from modserve.engine.native.scheduler import Scheduler, Sequence, StepPlan
 from modserve.engine.native.weights import from_checkpoint, from_tensors
@@ -123,6 +126,8 @@ class NativeEngine(Engine):
         self._arrivals = itertools.count()
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self._dead = False
+        self.faults = Faults()
         self._tokenizer = None
         self.pool: PackPool | None = None
 
@@ -142,7 +147,11 @@ class NativeEngine(Engine):
 
     @property
     def ready(self) -> bool:
-        return self._ready
+        return self._ready and not self._dead
+
+    @property
+    def alive(self) -> bool:
+        return not self._dead
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -184,7 +193,7 @@ class NativeEngine(Engine):
         self.scheduler = Scheduler(self.pool, self.config.max_batch_size, self.config.max_prefill_tokens)
         self.output = OutputProcessor(max_len)
         for language in self.languages:  # warm the device tier while the budget allows
-            if (lease := self.pool.acquire(language)) is not None:
+            if isinstance(lease := self.pool.acquire(language), PackLease):
                 lease.release()
 
     async def shutdown(self) -> None:
@@ -195,7 +204,7 @@ class NativeEngine(Engine):
         if self.pool is not None:
             self.pool.close()
         for state in list(self._requests.values()):
-            state.post(EngineError("the engine shut down"))
+            state.post(EngineNotReadyError("the server is shutting down"))
         self._ready = False
 
     # --- the asyncio side ----------------------------------------------------------------
@@ -213,6 +222,9 @@ class NativeEngine(Engine):
         self._requests[request.request_id] = state
         self._inbox.put(("add", state))
         self._wakeup.set()
+        if self._dead:  # the loop died after the check above: nothing will read the inbox
+            self._requests.pop(request.request_id, None)
+            state.post(EngineDeadError("the engine loop died; this server must be restarted"))
         return stream
 
     async def abort(self, request_id: str) -> None:
@@ -242,18 +254,34 @@ class NativeEngine(Engine):
     # --- the model thread ----------------------------------------------------------------
 
     def _run(self) -> None:
-        with torch.inference_mode():
-            while not self._stopping:
-                self._drain_inbox()
-                try:
-                    worked = self._step()
-                except Exception as err:  # e.g. out of memory: fail the batch, keep serving
-                    log.exception("model step failed")
-                    self._fail_batch(EngineError(f"generation failed: {type(err).__name__}: {err}"))
-                    worked = True
-                if not worked:
-                    self._wakeup.wait(timeout=0.5)
-                    self._wakeup.clear()
+        """The model loop. A failing step fails its batch and the loop goes on; should the loop
+        itself die, every request is answered at once and the engine reports itself dead."""
+        try:
+            with torch.inference_mode():
+                while not self._stopping:
+                    self.faults.check_loop()
+                    self._drain_inbox()
+                    try:
+                        self.faults.check_step()
+                        worked = self._step()
+                    except Exception as err:  # e.g. out of memory: fail the batch, keep serving
+                        log.exception("model step failed")
+                        self.observer.step_failed()
+                        self._fail_batch(EngineError(f"generation failed: {type(err).__name__}"))
+                        worked = True
+                    if not worked:
+                        self._wakeup.wait(timeout=0.5)
+                        self._wakeup.clear()
+        except BaseException:
+            log.critical("the native engine loop died; every request now fails until a restart", exc_info=True)
+            self._die()
+
+    def _die(self) -> None:
+        self._dead = True
+        for state in list(self._requests.values()):
+            state.done = True
+            state.post(EngineDeadError("the engine loop died; this server must be restarted"))
+        self._requests.clear()
 
     def _fail_batch(self, err: EngineError) -> None:
         """Every request with a sequence in the batch fails; its cache slots and packs are freed."""
@@ -264,15 +292,22 @@ class NativeEngine(Engine):
                 self._fail_request(state, err)
 
     def _drain_inbox(self) -> None:
+        """Arrivals and aborts, each on its own: one that fails fails its request alone."""
         while True:
             try:
                 kind, item = self._inbox.get_nowait()
             except queue.Empty:
                 return
-            if kind == "add":
-                self._enqueue(item)
-            else:
-                self._abort(item)
+            try:
+                if kind == "add":
+                    self._enqueue(item)
+                else:
+                    self._abort(item)
+            except Exception:
+                log.exception("could not %s a request", kind)
+                state = item if kind == "add" else self._requests.get(item)
+                if state is not None and not state.done:
+                    self._fail_request(state, EngineError("the request could not be queued"))
 
     def _enqueue(self, state: RequestState) -> None:
         request, params = state.request, state.request.params
@@ -349,11 +384,17 @@ class NativeEngine(Engine):
         self._emit(rows, logits)
 
     def _emit(self, sequences: list[Sequence], logits: torch.Tensor) -> None:
-        """Each row's next token out to its request; finished sequences leave the batch."""
-        deltas, finished = self.output.process(sequences, logits)
-        for seq in finished:
+        """Each row's next token out to its request; finished sequences leave the batch, and a
+        row that failed fails its request alone."""
+        step = self.output.process(sequences, logits)
+        for seq in step.finished:
             self.scheduler.finish(seq)
-        for request_id, choices in deltas.items():
+        for seq, err in step.failed:
+            log.error("request %s: choice %d failed: %r", seq.request.request_id, seq.index, err)
+            state = self._requests.get(seq.request.request_id)
+            if state is not None and not state.done:
+                self._fail_request(state, EngineError(f"generation failed for this request: {type(err).__name__}"))
+        for request_id, choices in step.deltas.items():
             state = self._requests.get(request_id)
             if state is None or state.done:
                 continue

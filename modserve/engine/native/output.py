@@ -2,51 +2,58 @@
 
 The native engine's output processor (vLLM keeps the same job apart from its scheduler):
 it decides each sequence's next token and whether it finished, and says so in one
-`ChoiceDelta` per sequence; the engine routes them to their requests.
+`ChoiceDelta` per sequence; the engine routes them to their requests. Each row is handled
+on its own: a row that fails (sampling, log-probabilities, detokenization) fails its
+sequence alone, and the rest of the batch goes on.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 
-from modserve.engine.base import ChoiceDelta, FinishReason
-from modserve.engine.native.sampling import sample, token_logprobs
+from modserve.engine.base import ChoiceDelta
+from modserve.engine.native.sampling import next_token, token_logprob
 from modserve.engine.native.scheduler import Sequence
+
+
+@dataclass
+class StepOutput:
+    deltas: dict[str, list[ChoiceDelta]] = field(default_factory=dict)  # request id -> its choices' deltas
+    finished: list[Sequence] = field(default_factory=list)  # finish_reason set
+    failed: list[tuple[Sequence, Exception]] = field(default_factory=list)
 
 
 class OutputProcessor:
     def __init__(self, max_model_len: int):
         self.max_model_len = max_model_len
 
-    def process(self, sequences: list[Sequence], logits: torch.Tensor) -> tuple[dict[str, list[ChoiceDelta]], list[Sequence]]:
-        """logits [len(sequences), V] -> per request id its choices' deltas, and the sequences
-        that finished (their finish_reason set)."""
-        params = [s.request.params for s in sequences]
-        histories = [(s.prompt, s.token_ids) for s in sequences]
-        new_tokens = sample(logits, params, [s.generator for s in sequences], histories)
-        logprobs = token_logprobs(logits, params, new_tokens)
-        deltas: dict[str, list[ChoiceDelta]] = {}
-        finished = []
-        for seq, token, logprob in zip(sequences, new_tokens, logprobs, strict=True):
+    def process(self, sequences: list[Sequence], logits: torch.Tensor) -> StepOutput:
+        """logits [len(sequences), V] float32 -> what each sequence produced this step."""
+        argmax = torch.argmax(logits, dim=-1).tolist()  # the one host sync; plain greedy rows need no more
+        out = StepOutput()
+        for row, seq in enumerate(sequences):
             if seq.finish_reason is not None:  # its request ended while the step ran
                 continue
-            seq.token_ids.append(token)
-            text, reason = self.advance(seq, token)
-            delta = ChoiceDelta(seq.index, text, [token], reason, None if logprob is None else [logprob])
-            deltas.setdefault(seq.request.request_id, []).append(delta)
-            if reason is not None:
-                seq.finish_reason = reason
-                finished.append(seq)
-        return deltas, finished
+            try:
+                delta = self.advance(seq, logits[row], argmax[row])
+            except Exception as err:
+                out.failed.append((seq, err))
+                continue
+            out.deltas.setdefault(seq.request.request_id, []).append(delta)
+            if delta.finish_reason is not None:
+                seq.finish_reason = delta.finish_reason
+                out.finished.append(seq)
+        return out
 
-    def advance(self, seq: Sequence, token: int) -> tuple[str, FinishReason | None]:
-        """Text released by this token and the finish reason it causes, if any."""
-        if token in seq.stop_ids:
-            return seq.text.finish(), "stop"
-        text, hit_stop = seq.text.push(token)
-        if hit_stop:
-            return text, "stop"
-        out_of_room = seq.cached + 1 >= self.max_model_len
-        if len(seq.token_ids) >= (seq.request.params.max_tokens or self.max_model_len) or out_of_room:
-            return text + seq.text.finish(), "length"
-        return text, None
+    def advance(self, seq: Sequence, logits: torch.Tensor, argmax: int) -> ChoiceDelta:
+        p = seq.request.params
+        plain_greedy = p.greedy and not p.adjusts_logits
+        token = argmax if plain_greedy else next_token(logits, p, seq.generator, seq.prompt, seq.token_ids)
+        logprob = None if p.logprobs is None else [token_logprob(logits, token, p.logprobs)]
+        seq.token_ids.append(token)
+        limit = p.max_tokens or self.max_model_len
+        length_reached = len(seq.token_ids) >= limit or seq.cached + 1 >= self.max_model_len
+        text, reason = seq.text.advance(token, seq.stop_ids, length_reached)
+        return ChoiceDelta(seq.index, text, [token], reason, logprob)

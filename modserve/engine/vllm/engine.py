@@ -1,10 +1,14 @@
-"""The vLLM backend: the resident in vLLM's AsyncLLM, packs swapped in place between language groups.
+"""The vLLM backend: the resident in vLLM's AsyncLLM, packs swapped in place between language slices.
 
 vLLM brings paged attention, CUDA graphs, tensor and pipeline parallelism; but one vLLM
 step runs one set of weights. So requests wait in per-language queues and are admitted
-to vLLM one language group at a time (`policy.LanguageGroups`). Between groups, with no
-request left in vLLM, the workers reload the next pack's layers in place (`worker`) and the
-prefix cache is reset, so no KV computed under other layers is ever reused.
+to vLLM one language at a time (`policy.LanguageGroups`). When another language has
+waited a slice, the running requests are preempted — aborted in vLLM, what they generated
+kept — vLLM is paused (its own barrier for weight updates: nothing in flight), the
+workers reload the next pack's layers in place (`worker`), and generation resumes. A
+preempted request later resumes as prompt + generated tokens. Every request carries its
+pack's `cache_salt`, so KV computed under one pack's layers is never reused under
+another's, and each language keeps its cached prefixes across swaps (no cache reset).
 
 vLLM is imported when the engine starts, not with this module: importing it takes seconds.
 """
@@ -12,27 +16,27 @@ vLLM is imported when the engine starts, not with this module: importing it take
 from __future__ import annotations
 
 import asyncio
-import functools
 import importlib.util
 import logging
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from modserve.checkpoint import Checkpoint
 from modserve.config import ServeConfig
 from modserve.engine.base import (
     ChoiceDelta,
     Engine,
+    EngineDeadError,
     EngineError,
+    EngineNotReadyError,
     EngineStats,
+    Faults,
     GenerationRequest,
     OutputStream,
     PackUnavailableError,
-    RequestOutput,
 )
-from modserve.engine.loading import is_gguf, load_tokenizer, resolve_dtype
+from modserve.engine.loading import is_gguf, load_tokenizer, resolve_dtype, stop_token_ids
+from modserve.engine.text import TextStream
 from modserve.engine.vllm.conversion import (
     FINISH_REASONS,
     StepRecorder,
@@ -42,50 +46,20 @@ from modserve.engine.vllm.conversion import (
     vllm_sampling_params,
 )
 from modserve.engine.vllm.policy import LanguageGroups
+from modserve.engine.vllm.requests import ChoiceRun, VllmRequest
 from modserve.engine.vllm.worker import EXTENSION
 from modserve.errors import ModserveError
 from modserve.languages import RESIDENT
+from modserve.packs.format import content_sha256, read_manifest
 
 log = logging.getLogger(__name__)
-RESET_ATTEMPTS, RESET_RETRY_SECONDS = 50, 0.02
 
 
-@dataclass
-class VllmRequest:
-    """One request from the moment it is queued to its last output."""
-
-    request: GenerationRequest
-    params: Any  # vllm.SamplingParams, built (and so validated) before queueing
-    stream: OutputStream
-    arrival: float = field(default_factory=time.monotonic)
-    task: asyncio.Task | None = None
-    completion_tokens: int = 0
-    shutdown: bool = False  # cancelled by shutdown (an error), not by its client (an abort)
-
-    @property
-    def id(self) -> str:
-        return self.request.request_id
-
-    @property
-    def language(self) -> str:
-        return self.request.language
-
-    @property
-    def copies(self) -> int:
-        """Greedy choices are identical, and vLLM refuses n > 1 for them: one is decoded, n are sent."""
-        return self.request.params.n if self.request.params.greedy else 1
-
-    def output(self, choices: list[ChoiceDelta], finished: bool) -> RequestOutput:
-        return RequestOutput(
-            request_id=self.id,
-            choices=choices,
-            prompt_tokens=len(self.request.prompt_token_ids),
-            completion_tokens=self.completion_tokens,
-            finished=finished,
-        )
-
-    def aborted(self) -> RequestOutput:
-        return self.output([ChoiceDelta(i, "", [], "abort") for i in range(self.request.params.n)], True)
+def pack_salt(pack: Path) -> str:
+    """vLLM's cache_salt for a pack: its content, so a rebuilt pack never meets stale KV."""
+    manifest = read_manifest(pack)
+    digest = content_sha256({name: entry["sha256"] for name, entry in manifest.tensors.items()})
+    return f"modserve-pack:{manifest.language}:{digest[:32]}"
 
 
 class VllmEngine(Engine):
@@ -105,16 +79,20 @@ class VllmEngine(Engine):
         self.engine_args = dict(engine_args or {})
         self._groups = LanguageGroups(group_time_slice, max_waiting)
         self._running: dict[str, VllmRequest] = {}
-        self._failed: dict[str, str] = {}  # language -> why its pack does not serve
+        self._failed: set[str] = set()  # languages whose pack does not serve
         self._pack_bytes: dict[str, int] = {}
+        self._salts: dict[str, str | None] = {RESIDENT: None}
         self._steps = StepRecorder(self._observe_step)
         self._wake = asyncio.Event()
         self._scheduler: asyncio.Task | None = None
         self._vllm_starting: asyncio.Future | None = None
         self._llm = None
         self._tokenizer = None
+        self._stop_ids: tuple[int, ...] = ()
         self._ready = False
+        self._dead = False
         self._resident_bytes = 0
+        self.faults = Faults()
 
     @classmethod
     def from_config(cls, config: ServeConfig) -> VllmEngine:
@@ -151,11 +129,19 @@ class VllmEngine(Engine):
 
     @property
     def ready(self) -> bool:
-        return self._ready and self._llm is not None and not self._llm.errored
+        return self._ready and self.alive
+
+    @property
+    def alive(self) -> bool:
+        """False once vLLM's engine core or modserve's scheduler for it died."""
+        return not self._dead and not (self._llm is not None and self._llm.errored)
 
     def _observe_step(self, batch_size: int) -> None:
-        """The languages of the requests in vLLM now: one, unless group admission is broken."""
-        self.observer.step(len({item.language for item in self._running.values()}), batch_size)
+        """The languages of the requests in vLLM now: one, unless slice admission is broken. A
+        step that only ends sequences already answered (vLLM reports a step late) is not counted."""
+        languages = len({item.language for item in self._running.values()})
+        if languages:
+            self.observer.step(languages, batch_size)
 
     @property
     def active_group(self) -> str | None:
@@ -173,6 +159,7 @@ class VllmEngine(Engine):
         """
         resident = self._resident_checkpoint()
         self._tokenizer = load_tokenizer(self.resident)
+        self._stop_ids = stop_token_ids(self.resident, resident.config, self._tokenizer)
         self._max_model_len = min(self._max_model_len, int(resident.config.get("max_position_embeddings", 1 << 30)))
         self._resident_bytes = sum((self.resident / shard).stat().st_size for shard in resident.shards)
         dtype = str(resolve_dtype(self.dtype, resident.config)).removeprefix("torch.")
@@ -185,6 +172,7 @@ class VllmEngine(Engine):
             raise
         self._groups.activate(RESIDENT)
         self._scheduler = asyncio.create_task(self._schedule(), name="modserve-vllm-groups")
+        self._scheduler.add_done_callback(self._scheduler_ended)
         self._ready = True
 
     def _resident_checkpoint(self) -> Checkpoint:
@@ -232,10 +220,11 @@ class VllmEngine(Engine):
             errors = [report["error"] for report in reports if "error" in report]
             if errors:
                 log.error("pack %s refused: %s", language, errors[0])
-                self._failed[language] = errors[0]
-                self.observer.pack_load_failed(language, errors[0])
+                self._failed.add(language)
+                self.observer.pack_load_failed(language, "refused")
                 continue
             self._pack_bytes[language] = reports[0]["bytes"]
+            self._salts[language] = pack_salt(self.packs[language])
             self.observer.pack_loaded(language, "disk", max(report["seconds"] for report in reports))
 
     async def shutdown(self) -> None:
@@ -243,18 +232,11 @@ class VllmEngine(Engine):
         core and workers exit."""
         self._ready = False
         if self._scheduler is not None:
+            self._scheduler.remove_done_callback(self._scheduler_ended)
             self._scheduler.cancel()
             await asyncio.wait([self._scheduler])
             self._scheduler = None
-        for language in list(self._groups.queues):
-            for item in self._groups.take_all(language):
-                item.stream.queue.put_nowait(EngineError("the engine shut down"))
-        running = [item for item in self._running.values() if item.task is not None]
-        for item in running:
-            item.shutdown = True
-            item.task.cancel()
-        if running:
-            await asyncio.wait([item.task for item in running])
+        await self._fail_everything(EngineNotReadyError("the server is shutting down"))
         if self._vllm_starting is not None:
             await asyncio.wait([self._vllm_starting])
         if self._llm is not None:
@@ -266,22 +248,35 @@ class VllmEngine(Engine):
     def generate(self, request: GenerationRequest) -> OutputStream:
         self.check_request(request)
         if request.language in self._failed:
-            raise PackUnavailableError(f"pack {request.language!r} is unavailable: {self._failed[request.language]}")
+            raise PackUnavailableError(request.language)
         if request.request_id in self._running or self._groups.find(request.request_id):
             raise EngineError(f"request id {request.request_id!r} is already running", param="request_id")
-        max_tokens = request.params.max_tokens or self._max_model_len - len(request.prompt_token_ids)
-        params = vllm_sampling_params(request.params, max_tokens)
-        item = VllmRequest(request, params, OutputStream(request.request_id, self.abort))
+        params = request.params
+        max_tokens = params.max_tokens or self._max_model_len - len(request.prompt_token_ids)
+        vllm_sampling_params(params, max_tokens, params.seed)  # refused here, before queueing
+        stop_ids = frozenset((() if params.ignore_eos else self._stop_ids) + params.stop_token_ids)
+
+        def run(indices: tuple[int, ...]) -> ChoiceRun:
+            seed = None if params.seed is None else params.seed + indices[0]
+            return ChoiceRun(indices, TextStream(self._tokenizer, request.prompt_token_ids, params.stop), seed)
+
+        # Greedy choices are identical: one is decoded, n are sent.
+        runs = [run(tuple(range(params.n)))] if params.greedy else [run((i,)) for i in range(params.n)]
+        item = VllmRequest(
+            request, OutputStream(request.request_id, self.abort), runs, self._salts.get(request.language),
+            stop_ids, max_tokens,
+        )
         self._groups.push(item)
         self._wake.set()
         return item.stream
 
     async def abort(self, request_id: str) -> None:
         """Returns once the request is gone: out of its queue, or aborted in vLLM."""
-        running = self._running.get(request_id)
-        if running is not None and running.task is not None:
-            running.task.cancel()
-            await asyncio.wait([running.task])
+        running = self._running.pop(request_id, None)
+        if running is not None:
+            await self._stop_runs(running)
+            running.stream.queue.put_nowait(running.aborted())
+            self._wake.set()
             return
         waiting = self._groups.find(request_id)
         if waiting is not None:
@@ -320,14 +315,23 @@ class VllmEngine(Engine):
         cache = self._llm.vllm_config.cache_config
         return (cache.num_gpu_blocks or 0) * cache.block_size
 
-    # --- language-grouped scheduling ---------------------------------------------------------
+    # --- language slices ---------------------------------------------------------------------
 
     async def _schedule(self) -> None:
-        """Runs for the engine's life; every arrival, finish and abort wakes it. Admission is
-        only ever decided at those moments, so it needs no timer."""
+        """Runs for the engine's life. Arrivals, finishes and aborts wake it, and so does the end
+        of the active language's slice while another language waits."""
         while True:
-            await self._wake.wait()
+            ends = self._groups.slice_ends_at()
+            left = None if ends is None or not self._running else ends - time.monotonic()
+            timeout = left if left is not None and left > 0 else None  # over: what is left drains
+            try:
+                await asyncio.wait_for(self._wake.wait(), timeout)
+            except TimeoutError:
+                pass
             self._wake.clear()
+            self.faults.check_loop()
+            if self._running and self._groups.slice_over():
+                await self._preempt()
             if not self._running:
                 target = self._groups.next_group()
                 if target is not None and target != self._groups.active:
@@ -335,29 +339,44 @@ class VllmEngine(Engine):
             self._admit()
 
     def _admit(self) -> None:
-        while len(self._running) < self.max_batch_size and (item := self._groups.pop_admissible()):
+        sequences = sum(len(item.unfinished) for item in self._running.values())
+        while sequences < self.max_batch_size and (item := self._groups.pop_admissible()):
             self._running[item.id] = item
-            item.task = asyncio.create_task(self._stream(item), name=f"modserve-vllm-{item.id}")
-            item.task.add_done_callback(functools.partial(self._retire, item))
+            sequences += len(item.unfinished)
+            for run in item.unfinished:
+                run.task = asyncio.create_task(self._run_choice(item, run), name=f"modserve-vllm-{item.id}")
+
+    async def _preempt(self) -> None:
+        """The slice is over: running requests that can resume exactly leave vLLM now, keeping
+        what they generated, and wait at the head of their queue; the others finish first."""
+        preempted = [item for item in self._running.values() if item.resumable]
+        await asyncio.gather(*(self._stop_runs(item) for item in preempted))
+        for item in preempted:
+            self._running.pop(item.id, None)
+        for item in preempted:
+            if item.unfinished:
+                self._groups.requeue(item)
+        if preempted:
+            log.info("preempted %d %s request(s) at the end of their slice", len(preempted), self._groups.active)
 
     async def _swap(self, target: str) -> None:
-        """Called only with no request in vLLM: no forward pass ever sees a half-swapped model.
-
-        The prefix cache is reset before (which vLLM refuses while any request holds KV blocks,
-        so nothing is touched then) and after the reload, so no KV computed under other layers
-        is reused. On failure the waiting requests for `target` fail, the weights count as
-        unknown, and the next swap rewrites every layer any pack touches.
-        """
+        """Put `target`'s layers in. vLLM is paused first — its barrier for weight updates: it
+        aborts whatever is left in flight (nothing of ours) and returns once idle — so no
+        forward pass ever sees a half-swapped model. The prefix cache is kept: cache salts
+        keep each pack's KV apart. On failure the requests waiting for `target` fail, the
+        weights count as unknown, and the next swap rewrites every layer any pack touches."""
         start = time.perf_counter()
         try:
-            await self._reset_prefix_cache()
-            await self._llm.collective_rpc("modserve_swap", args=(target,))
-            await self._reset_prefix_cache()
-        except Exception as err:
+            await self._llm.pause_generation(mode="abort", clear_cache=False)
+            try:
+                await self._llm.collective_rpc("modserve_swap", args=(target,))
+            finally:
+                await self._llm.resume_generation()
+        except Exception:
             log.exception("swap to %s failed", target)
             self._groups.activate(None)
             for item in self._groups.take_all(target):
-                item.stream.queue.put_nowait(PackUnavailableError(f"could not swap in {target!r}: {err}"))
+                item.stream.queue.put_nowait(PackUnavailableError(target))
             self._wake.set()
             return
         seconds = time.perf_counter() - start
@@ -365,46 +384,101 @@ class VllmEngine(Engine):
         self._groups.activate(target)
         self.observer.pack_swapped(target, seconds)
 
-    async def _reset_prefix_cache(self) -> None:
-        """vLLM refuses while a request holds KV blocks; one just finished or aborted may hold
-        them a step longer (async scheduling), so refusals are retried for a moment."""
-        for _ in range(RESET_ATTEMPTS):
-            if await self._llm.reset_prefix_cache():
-                return
-            await asyncio.sleep(RESET_RETRY_SECONDS)
-        raise EngineError("vLLM still holds KV blocks of a running request")
+    # --- one choice in vLLM ------------------------------------------------------------------
 
-    async def _stream(self, item: VllmRequest) -> None:
-        """Feeds one request's vLLM outputs into its stream; cancelling it aborts the request
-        in vLLM (vLLM's generate does that on its way out)."""
+    async def _run_choice(self, item: VllmRequest, run: ChoiceRun) -> None:
+        """Feed one choice's vLLM outputs through its text stream to the request. Leaving
+        vLLM's generator (finished, cancelled, or a stop string seen) aborts it in vLLM."""
         from vllm.inputs import tokens_input
 
+        run.submissions += 1
+        prompt = item.request.prompt_token_ids + run.tokens
+        params = vllm_sampling_params(item.request.params, item.max_tokens - len(run.tokens), run.seed)
+        vllm_id = f"{item.id}-{run.indices[0]}-{run.submissions}"
         try:
-            async for out in self._llm.generate(tokens_input(item.request.prompt_token_ids), item.params, item.id):
-                item.stream.queue.put_nowait(self._delta(item, out))
+            async for out in self._llm.generate(tokens_input(prompt, cache_salt=item.salt), params, vllm_id):
+                self.faults.check_step()
+                if run.submissions == 1:
+                    item.cached_tokens = max(item.cached_tokens, out.num_cached_tokens or 0)
+                self._post(item, self._advance(item, run, out.outputs[0]))
+                if run.finish_reason is not None:
+                    return
+            raise EngineError("vLLM ended the request before it finished")
+        except asyncio.CancelledError:
+            raise
         except Exception as err:  # one request's failure never stops the engine
-            log.warning("request %s failed in vLLM: %s", item.id, err)
-            item.stream.queue.put_nowait(engine_error(err))
+            log.warning("request %s failed in vLLM: %r", item.id, err)
+            await self._fail(item, engine_error(err))
 
-    def _retire(self, item: VllmRequest, task: asyncio.Task) -> None:
-        """However the request ended (even cancelled before its task's first step, when none of
-        `_stream` runs), it leaves `running`, and its stream gets a last item."""
-        self._running.pop(item.id, None)
-        if task.cancelled():
-            item.stream.queue.put_nowait(EngineError("the engine shut down") if item.shutdown else item.aborted())
-        self._wake.set()
-
-    def _delta(self, item: VllmRequest, out) -> RequestOutput:
-        if any(choice.finish_reason == "error" for choice in out.outputs):
+    def _advance(self, item: VllmRequest, run: ChoiceRun, completion) -> list[ChoiceDelta]:
+        """vLLM's new tokens, one by one, through the same decisions the native backend makes."""
+        if completion.finish_reason == "error":
             raise EngineError("vLLM failed the request (internal error); retry")
         k = item.request.params.logprobs
-        choices = [
-            ChoiceDelta(
-                c.index + copy, c.text, list(c.token_ids), FINISH_REASONS.get(c.finish_reason),
-                None if k is None else vllm_logprobs(c.token_ids, c.logprobs or (), k),  # None: no new token
-            )
-            for c in out.outputs
-            for copy in range(item.copies)
-        ]
-        item.completion_tokens += sum(len(c.token_ids) for c in choices)
-        return item.output(choices, out.finished)
+        logprobs = vllm_logprobs(completion.token_ids, completion.logprobs or (), k) if k is not None else None
+        text, tokens = "", []
+        for token in completion.token_ids:
+            run.tokens.append(token)
+            tokens.append(token)
+            total = len(item.request.prompt_token_ids) + len(run.tokens)
+            length_reached = len(run.tokens) >= item.max_tokens or total >= self._max_model_len
+            released, reason = run.text.advance(token, item.stop_ids, length_reached)
+            text += released
+            if reason is not None:
+                run.finish_reason = reason
+                break
+        else:
+            if completion.finish_reason is not None and completion.finish_reason != "abort":
+                text += run.text.finish()  # vLLM ended it (e.g. an EOS it knows)
+                run.finish_reason = FINISH_REASONS.get(completion.finish_reason, "stop")
+        chosen = None if logprobs is None else logprobs[: len(tokens)]
+        return [ChoiceDelta(i, text, list(tokens), run.finish_reason, chosen) for i in run.indices]
+
+    def _post(self, item: VllmRequest, choices: list[ChoiceDelta]) -> None:
+        if self._running.get(item.id) is not item:  # aborted, preempted or failed meanwhile
+            return
+        out = item.output(choices)
+        item.stream.queue.put_nowait(out)
+        if out.finished:
+            del self._running[item.id]
+            self._wake.set()
+
+    async def _stop_runs(self, item: VllmRequest) -> None:
+        """Cancel the request's choices in vLLM and wait until they are out."""
+        tasks = item.tasks
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks)
+
+    async def _fail(self, item: VllmRequest, err: EngineError) -> None:
+        if self._running.pop(item.id, None) is None:
+            return
+        for run in item.unfinished:
+            run.finish_reason = "abort"
+        item.stream.queue.put_nowait(err)
+        current = asyncio.current_task()
+        others = [t for t in item.tasks if t is not current]
+        for task in others:
+            task.cancel()
+        self._wake.set()
+
+    # --- when things end ---------------------------------------------------------------------
+
+    def _scheduler_ended(self, task: asyncio.Task) -> None:
+        """The scheduler only ends with the engine; if it died, so did the engine: fail everything now."""
+        if task.cancelled() or task.exception() is None:
+            return
+        log.critical("the vLLM backend's scheduler died; every request now fails until a restart", exc_info=task.exception())
+        self._dead = True
+        asyncio.ensure_future(self._fail_everything(EngineDeadError("the engine loop died; this server must be restarted")))
+
+    async def _fail_everything(self, err: EngineError) -> None:
+        for language in list(self._groups.queues):
+            for item in self._groups.take_all(language):
+                item.stream.queue.put_nowait(err)
+        running = list(self._running.values())
+        self._running.clear()
+        await asyncio.gather(*(self._stop_runs(item) for item in running))
+        for item in running:
+            item.stream.queue.put_nowait(err)

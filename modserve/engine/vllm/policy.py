@@ -28,10 +28,10 @@ class LanguageGroups:
     """Waiting requests by language, and the policy deciding whose layers the model holds.
 
     The active group admits freely while it is alone. Once another language waits, the
-    active group admits for `time_slice` more seconds (counted from when that language began
-    waiting, or from the swap if later), so every swap is paid for by a slice of work and no
-    language starves. Then admission stops, the running requests finish on the weights they
-    started with, and the language whose oldest request has waited longest goes next.
+    active group keeps the model for `time_slice` more seconds (counted from when that
+    language began waiting, or from the swap if later), so every swap is paid for by a slice
+    of work and no language starves. Then its running requests are preempted (and requeued
+    where they were), and the language whose oldest request has waited longest goes next.
     `resident` is a group like any other.
     """
 
@@ -49,6 +49,12 @@ class LanguageGroups:
             raise QueueFullError(f"{len(self)} requests are already waiting; retry later")
         self.queues.setdefault(item.language, deque()).append(item)
 
+    def requeue(self, item: Waiting) -> None:
+        """Back in its queue at its arrival (a preempted request goes before later ones); never refused."""
+        queue = self.queues.setdefault(item.language, deque())
+        position = next((k for k, other in enumerate(queue) if other.arrival > item.arrival), len(queue))
+        queue.insert(position, item)
+
     def find(self, request_id: str) -> Waiting | None:
         return next((item for queue in self.queues.values() for item in queue if item.id == request_id), None)
 
@@ -61,9 +67,14 @@ class LanguageGroups:
     def activate(self, target: str | None) -> None:
         self.active, self.active_since = target, self.clock()
 
-    def slice_over(self) -> bool:
+    def slice_ends_at(self) -> float | None:
+        """When the active group's slice ends (clock time); None while no other language waits."""
         others = [queue[0].arrival for lang, queue in self.queues.items() if queue and lang != self.active]
-        return bool(others) and self.clock() - max(self.active_since, min(others)) >= self.time_slice
+        return max(self.active_since, min(others)) + self.time_slice if others else None
+
+    def slice_over(self) -> bool:
+        end = self.slice_ends_at()
+        return end is not None and self.clock() >= end
 
     def pop_admissible(self) -> Waiting | None:
         """The active group's next request, while its slice lasts."""

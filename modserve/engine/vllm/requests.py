@@ -1,0 +1,88 @@
+"""One request in the vLLM backend, from its queue to its last output.
+
+Each choice runs in vLLM as a sequence of its own (a greedy request's identical choices as
+one), so a choice can be preempted at the end of a language slice and resumed later as
+prompt + what it already generated: the cache salt of its pack lets vLLM's prefix cache
+serve that KV again. Text is modserve's own (`TextStream`, the same as the native
+backend's): the same tokens give the same text, across a resumption too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+
+from modserve.engine.base import (
+    ChoiceDelta,
+    FinishReason,
+    GenerationRequest,
+    OutputStream,
+    RequestOutput,
+)
+from modserve.engine.text import TextStream
+
+
+@dataclass
+class ChoiceRun:
+    """One sequence in vLLM: a choice of the request, or all n choices of a greedy one."""
+
+    indices: tuple[int, ...]  # the choices it answers
+    text: TextStream
+    seed: int | None
+    tokens: list[int] = field(default_factory=list)  # generated so far, over every submission
+    finish_reason: FinishReason | None = None
+    task: asyncio.Task | None = None
+    submissions: int = 0
+
+
+@dataclass
+class VllmRequest:
+    request: GenerationRequest
+    stream: OutputStream
+    runs: list[ChoiceRun]
+    salt: str | None  # vLLM cache_salt of the pack that serves it
+    stop_ids: frozenset[int]  # EOS (unless ignore_eos) and the request's stop_token_ids
+    max_tokens: int  # resolved against the context length
+    arrival: float = field(default_factory=time.monotonic)
+    cached_tokens: int = 0  # prompt tokens vLLM served from its prefix cache (first submission)
+
+    @property
+    def id(self) -> str:
+        return self.request.request_id
+
+    @property
+    def language(self) -> str:
+        return self.request.language
+
+    @property
+    def unfinished(self) -> list[ChoiceRun]:
+        return [run for run in self.runs if run.finish_reason is None]
+
+    @property
+    def tasks(self) -> list[asyncio.Task]:
+        return [run.task for run in self.runs if run.task is not None and not run.task.done()]
+
+    @property
+    def resumable(self) -> bool:
+        """Can it be stopped and resumed as prompt + generated tokens with the same result?
+        Not when vLLM would count the generated tokens differently once they are prompt
+        (presence/frequency penalties), nor a seeded draw (its random stream would restart)."""
+        p = self.request.params
+        return not (p.presence_penalty or p.frequency_penalty) and (p.greedy or p.seed is None)
+
+    def output(self, choices: list[ChoiceDelta]) -> RequestOutput:
+        return RequestOutput(
+            request_id=self.id,
+            choices=choices,
+            prompt_tokens=len(self.request.prompt_token_ids),
+            completion_tokens=sum(len(run.tokens) * len(run.indices) for run in self.runs),
+            finished=not self.unfinished,
+            cached_tokens=self.cached_tokens,
+        )
+
+    def aborted(self) -> RequestOutput:
+        choices = [ChoiceDelta(i, "", [], "abort") for run in self.unfinished for i in run.indices]
+        for run in self.unfinished:
+            run.finish_reason = "abort"
+        return self.output(choices)
