@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 TORCH  ?= torch==2.13.0
 ARGS   ?=
 
-.PHONY: serve test lint setup setup-dev tools clean
+.PHONY: serve test stress lint setup setup-dev tools clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -42,6 +42,10 @@ serve: $(VENV)/.setup
 
 test: $(VENV)/.setup-dev tools
 	$(BIN)/python -m pytest $(ARGS)
+
+# The reliability suite for longer: a minute of load, 10k fuzz cases (see README, Reliability).
+stress: $(VENV)/.setup-dev
+	MODSERVE_STRESS=1 $(BIN)/python -m pytest tests/test_reliability.py -s $(ARGS)
 
 lint: $(VENV)/.setup-dev
 	$(BIN)/ruff check modserve tests

@@ -321,3 +321,57 @@ async def test_in_bfloat16_each_token_has_the_merged_models_log_probability(demo
     for step, lp in enumerate(logprobs):
         assert abs(lp.logprob - ref[step, lp.token_id].item()) < 0.3, step
         assert ref[step, lp.token_id] >= ref[step].max() - 0.3  # a top choice, up to bf16 noise
+
+
+async def test_under_a_steady_mix_with_room_for_one_pack_no_language_starves(demo, merged):
+    """sw traffic never stops and always fills the batch; te must still get its turn."""
+    budget = one_pack_budget(demo)
+    engine = await started(demo.resident, demo.packs, max_batch_size=4, pack_memory=budget, host_pack_memory=budget)
+    try:
+        prompt = chat_ids(engine, "steady traffic")
+        flowing = True
+
+        async def steady(k: int) -> int:
+            done = 0
+            while flowing:
+                await greedy(engine, f"sw-{k}-{done}", "sw", prompt, 12)
+                done += 1
+            return done
+
+        flood = [asyncio.ensure_future(steady(k)) for k in range(6)]
+        await until(lambda: engine.stats().running == 4)
+        te_prompt = chat_ids(engine, "my turn, in te")
+        got = await asyncio.wait_for(greedy(engine, "te", "te", te_prompt, 8), timeout=60)
+        flowing = False
+        served = await asyncio.gather(*flood)
+    finally:
+        await engine.shutdown()
+    assert got == hf_greedy(merged["te"], te_prompt, 8)
+    assert sum(served) > 6  # sw kept being served around it
+
+
+async def test_a_request_whose_rows_fail_fails_alone_and_the_rest_of_its_batch_equals_the_merges(engine, merged):
+    prompts = {lang: chat_ids(engine, f"isolation in {lang}") for lang in LANGUAGES}
+    engine.faults.poisoned.add("poisoned")
+    neighbours = [greedy(engine, f"n-{lang}", lang, prompts[lang], 16) for lang in LANGUAGES]
+    doomed = greedy(engine, "poisoned", "sw", prompts["sw"], 16)
+    *got, failed = await asyncio.gather(*neighbours, doomed, return_exceptions=True)
+    assert isinstance(failed, EngineError) and "injected" not in str(failed)
+    for lang, tokens in zip(LANGUAGES, got, strict=True):
+        assert tokens == hf_greedy(merged[lang], prompts[lang], 16), lang
+    assert engine.stats().running == 0
+
+
+async def test_degenerate_sampling_values_serve_like_greedy(engine, merged):
+    """A temperature below 1e-5 is greedy; a top_p so small it is 0 in float32 keeps the top token."""
+    prompt = chat_ids(engine, "degenerate")
+    want = hf_greedy(merged["ja"], prompt, 12)
+    for k, params in enumerate([
+        SamplingParams(max_tokens=12, temperature=1e-39),
+        SamplingParams(max_tokens=12, temperature=1.0, top_p=5e-324, seed=2**63 - 1),
+        SamplingParams(max_tokens=12, temperature=1.0, top_p=5e-324, seed=-(2**63), n=2),
+    ]):
+        got = await collect(engine, GenerationRequest(f"degenerate-{k}", prompt, params, "ja"))
+        assert all(tokens == want for tokens in got["tokens"].values()), params
+    with pytest.raises(InvalidRequestError, match="seed"):
+        SamplingParams(seed=2**64)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,10 +17,11 @@ import pytest
 from openai.types import Completion as OpenAICompletion
 from openai.types.chat import ChatCompletion as OpenAIChatCompletion
 from openai.types.chat import ChatCompletionChunk as OpenAIChatCompletionChunk
-from prometheus_client.parser import text_string_to_metric_families
 
+from modserve.config import load_serve_config
+from modserve.router import Router
 from tests.oracle import hf_adjusted_greedy, hf_greedy, hf_logprobs, stop_string_in
-from tests.serving import demo_config, free_port, running_server
+from tests.serving import demo_config, free_port, running_server, scrape, value
 
 SWAHILI = "Bata wa Janet hutaga mayai 16 kila siku. Huwa anauza yaliyosalia sokoni. Anapata dola ngapi?"
 RUSSIAN = "У Джанет утки несут 16 яиц в день. Сколько долларов она зарабатывает каждый день?"
@@ -42,19 +44,6 @@ def oracle_text(server, merged, language: str, messages: list[dict], max_tokens:
     prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True)["input_ids"]
     tokens = hf_greedy(merged[language], prompt, max_tokens)
     return tokenizer.decode(tokens, skip_special_tokens=True), len(tokens)
-
-
-def scrape(server) -> dict[tuple[str, tuple], float]:
-    text = httpx.get(f"{server.url}/metrics").text
-    samples = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
-    return samples
-
-
-def value(samples, name: str, **labels) -> float:
-    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
 
 
 # --- the happy paths ------------------------------------------------------------------------
@@ -240,6 +229,63 @@ def test_bad_requests_are_400_naming_the_field(client, server):
     assert err.value.body["param"] == "logprobs"
 
 
+def test_values_that_once_broke_the_engine_are_400s_naming_their_field(server):
+    for body, param in [
+        ({"prompt": "hi", "seed": 18446744073709551616}, "seed"),
+        ({"prompt": "hi", "seed": -(2**70)}, "seed"),
+        ({"prompt": [-1, 5]}, "prompt.list[int].0"),
+        ({"prompt": [10**20]}, "prompt"),
+        ({"prompt": "hi", "logit_bias": {"\u00b2": 1}}, "logit_bias"),
+    ]:
+        response = httpx.post(f"{server.base_url}/completions", json={"model": "modserve", "max_tokens": 4, **body})
+        assert response.status_code == 400, body
+        assert error_of(response)["param"].startswith(param.split(".")[0]), (body, error_of(response))
+    assert httpx.get(f"{server.url}/health").status_code == 200
+
+
+def test_every_error_has_openais_shape_and_a_500_keeps_the_connection(server, monkeypatch):
+    headers = {"content-type": "application/json"}
+    with httpx.Client(base_url=server.url) as http:
+        cases = [
+            (http.post("/v1/chat/completions", content=b'{"model": "modserve", "x": "\xff\xfe"}', headers=headers), 400),
+            (http.post("/v1/completions", content=b"[" * 10_000 + b"]" * 10_000, headers=headers), 400),
+            (http.get("/v1/nowhere"), 404),
+            (http.get("/v1/chat/completions"), 405),
+            (http.post("/v1/completions", json=[1, 2]), 400),
+        ]
+        for response, status in cases:
+            assert response.status_code == status, response.text
+            error_of(response)
+        monkeypatch.setattr(Router, "route_prompt", lambda *a, **k: 1 / 0)  # a bug in the server
+        first = http.post("/v1/completions", json={"model": "modserve", "prompt": "boom"})
+        assert first.status_code == 500 and "ZeroDivision" not in first.text
+        assert error_of(first)["code"] == "internal_error"
+        socket = first.extensions["network_stream"].get_extra_info("socket").getsockname()
+        monkeypatch.undo()
+        second = http.post("/v1/completions", json={"model": "modserve", "prompt": "fine", "max_tokens": 2})
+        assert second.status_code == 200
+        assert second.extensions["network_stream"].get_extra_info("socket").getsockname() == socket  # same connection
+
+
+def test_a_chat_template_that_refuses_the_messages_is_a_422(family, tmp_path):
+    """Mistral-style templates raise on roles out of order: the client's messages, not a crash."""
+    resident = shutil.copytree(family.math, tmp_path / "strict")
+    (resident / "chat_template.jinja").write_text(
+        "{% for m in messages %}{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+        "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
+        "{% endif %}{{ m['content'] }}{% endfor %}"
+    )
+    flags = {"model": {"resident": str(resident), "dtype": "float32", "device": "cpu"}, "engine": {"max_model_len": 256}}
+    with running_server(load_serve_config(None, flags, environ={})) as strict:
+        messages = [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]
+        response = httpx.post(f"{strict.base_url}/chat/completions", json={"model": "modserve", "messages": messages})
+        assert response.status_code == 422 and error_of(response)["param"] == "messages"
+        assert "alternate" in error_of(response)["message"]
+        ok = httpx.post(f"{strict.base_url}/chat/completions",
+                        json={"model": "modserve", "messages": messages[:1], "max_tokens": 2})
+        assert ok.status_code == 200
+
+
 def test_prompt_longer_than_the_context_is_400_with_both_lengths(client):
     with pytest.raises(openai.BadRequestError) as err:
         client.completions.create(model="modserve", prompt="a" * 600, max_tokens=4)
@@ -272,7 +318,7 @@ def test_api_keys_are_enforced_when_configured(demo):
         assert httpx.get(f"{server.url}/metrics").status_code == 200  # scrapers need no key
 
 
-def test_full_queue_is_429(demo):
+def test_full_queue_is_429_with_retry_after(demo):
     config = demo_config(demo, engine={"max_batch_size": 1, "max_waiting": 1})
     with running_server(config) as server:
         client = openai.AsyncOpenAI(base_url=server.base_url, api_key="x", max_retries=0)
@@ -286,7 +332,8 @@ def test_full_queue_is_429(demo):
             return await asyncio.gather(*[one() for _ in range(6)], return_exceptions=True)
 
         results = asyncio.run(flood())
-    assert any(isinstance(r, openai.RateLimitError) for r in results)
+    limited = [r for r in results if isinstance(r, openai.RateLimitError)]
+    assert limited and all(r.response.headers["retry-after"] for r in limited)
     assert any(not isinstance(r, Exception) for r in results)
 
 
@@ -385,7 +432,7 @@ def test_serve_with_no_config_serves_the_demo_and_drains_on_sigterm(tmp_path):
         assert rest[-1] == "data: [DONE]"
         finish = [json.loads(x[6:])["choices"][0]["finish_reason"] for x in rest[:-1] if json.loads(x[6:])["choices"]]
         assert finish[-1] == "length"
-        assert proc.wait(timeout=60) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal it drained on
+        assert proc.wait(timeout=60) == 0
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -412,3 +459,11 @@ def test_the_vllm_backend_serves_the_same_api(demo, merged):
         samples = scrape(server)
         assert value(samples, "modserve_pack_swaps_total", language="sw") >= 1
         assert value(samples, "modserve_packs_resident", tier="device") == 1
+
+        server.engine.faults.kill_loop = True  # the backend's scheduler dies at its next wake-up
+        body = {"model": "modserve:te", "messages": [{"role": "user", "content": "x"}], "max_tokens": 4}
+        for _ in range(2):  # the request that woke it, then one after
+            refused = httpx.post(f"{server.base_url}/chat/completions", json=body, timeout=10)
+            assert refused.status_code == 503 and refused.json()["error"]["code"] == "engine_dead"
+        assert httpx.get(f"{server.url}/health").status_code == 503
+        assert httpx.get(f"{server.url}/ready").status_code == 503

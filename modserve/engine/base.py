@@ -228,15 +228,22 @@ class InjectedFault(RuntimeError):
 
 
 class Faults:
-    """A test hook for the reliability suite: make the next engine steps raise, or the engine
-    loop itself die, as a real fault would. Unarmed (the default) it does nothing."""
+    """A test hook for the reliability suite: make the next engine steps raise, one request's
+    rows fail (as a degenerate distribution would), or the engine loop itself die, as real
+    faults would. Unarmed (the default) it does nothing."""
 
     def __init__(self):
         self.steps_to_fail = 0
         self.kill_loop = False
+        self.poisoned: set[str] = set()  # request ids whose rows raise
 
     def fail_steps(self, count: int = 1) -> None:
+        """Native backend (vLLM's steps run in its engine core: one that raises kills it)."""
         self.steps_to_fail += count
+
+    def check_row(self, request_id: str) -> None:
+        if request_id in self.poisoned:
+            raise InjectedFault("injected row failure")
 
     def check_step(self) -> None:
         if self.steps_to_fail > 0:

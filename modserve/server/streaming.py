@@ -2,7 +2,8 @@
 
 The first engine output is awaited before the status line, so a refusal (queue full, pack
 unavailable) keeps its status instead of arriving mid-stream. A failure after that ends
-the stream with an error event and `[DONE]`, and the request counts as failed.
+the stream with an error event and `[DONE]`, and the request counts as failed. A client
+that leaves aborts its engine requests at once (see `EventStream`).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterator, Callable
 
+import anyio
 from fastapi import Request
 from fastapi.responses import StreamingResponse
 
@@ -55,9 +57,23 @@ async def event_stream(
             outcome(request).failed = True
             error = from_engine_error(err, served.prompt_param)
             yield sse({"error": {"message": error.message, "type": "server_error", "param": None, "code": error.code}})
-        finally:  # also on client disconnect: Starlette cancels this generator
-            await serving.close(served)
+        finally:  # also when the client left: the aborts must run even in a cancelled scope
+            with anyio.CancelScope(shield=True):
+                await serving.close(served)
         yield "data: [DONE]\n\n"
 
     headers = {**served.headers(), "Cache-Control": "no-cache"}
-    return StreamingResponse(body(), media_type="text/event-stream", headers=headers)
+    return EventStream(body(), media_type="text/event-stream", headers=headers)
+
+
+class EventStream(StreamingResponse):
+    """A StreamingResponse that closes its producer as soon as the response ends, however it
+    ends: Starlette leaves a producer cut off mid-send to the garbage collector, and until then
+    its engine requests would keep generating for a client that is gone."""
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self.body_iterator.aclose()

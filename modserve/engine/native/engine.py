@@ -191,7 +191,7 @@ class NativeEngine(Engine):
         )
         self.pool.wakeup = self._wakeup
         self.scheduler = Scheduler(self.pool, self.config.max_batch_size, self.config.max_prefill_tokens)
-        self.output = OutputProcessor(max_len)
+        self.output = OutputProcessor(max_len, self.faults)
         for language in self.languages:  # warm the device tier while the budget allows
             if isinstance(lease := self.pool.acquire(language), PackLease):
                 lease.release()

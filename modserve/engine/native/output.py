@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from modserve.engine.base import ChoiceDelta
+from modserve.engine.base import ChoiceDelta, Faults
 from modserve.engine.native.sampling import next_token, token_logprob
 from modserve.engine.native.scheduler import Sequence
 
@@ -26,8 +26,8 @@ class StepOutput:
 
 
 class OutputProcessor:
-    def __init__(self, max_model_len: int):
-        self.max_model_len = max_model_len
+    def __init__(self, max_model_len: int, faults: Faults):
+        self.max_model_len, self.faults = max_model_len, faults
 
     def process(self, sequences: list[Sequence], logits: torch.Tensor) -> StepOutput:
         """logits [len(sequences), V] float32 -> what each sequence produced this step."""
@@ -48,6 +48,7 @@ class OutputProcessor:
         return out
 
     def advance(self, seq: Sequence, logits: torch.Tensor, argmax: int) -> ChoiceDelta:
+        self.faults.check_row(seq.request.request_id)
         p = seq.request.params
         plain_greedy = p.greedy and not p.adjusts_logits
         token = argmax if plain_greedy else next_token(logits, p, seq.generator, seq.prompt, seq.token_ids)

@@ -49,7 +49,9 @@ def adjust(logits: torch.Tensor, p: SamplingParams, prompt: list[int], output: l
     if output and (p.frequency_penalty or p.presence_penalty):
         counts = torch.bincount(torch.tensor(output, device=logits.device), minlength=logits.shape[-1])
         logits -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0)
-    return logits
+    # A tiny repetition_penalty (vLLM accepts any > 0) divides logits into infinity: keep the
+    # order, and a distribution softmax can read.
+    return torch.nan_to_num(logits, nan=float("-inf"), posinf=torch.finfo(logits.dtype).max)
 
 
 def next_token(

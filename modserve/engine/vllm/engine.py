@@ -397,7 +397,6 @@ class VllmEngine(Engine):
         vllm_id = f"{item.id}-{run.indices[0]}-{run.submissions}"
         try:
             async for out in self._llm.generate(tokens_input(prompt, cache_salt=item.salt), params, vllm_id):
-                self.faults.check_step()
                 if run.submissions == 1:
                     item.cached_tokens = max(item.cached_tokens, out.num_cached_tokens or 0)
                 self._post(item, self._advance(item, run, out.outputs[0]))
@@ -412,6 +411,7 @@ class VllmEngine(Engine):
 
     def _advance(self, item: VllmRequest, run: ChoiceRun, completion) -> list[ChoiceDelta]:
         """vLLM's new tokens, one by one, through the same decisions the native backend makes."""
+        self.faults.check_row(item.id)
         if completion.finish_reason == "error":
             raise EngineError("vLLM failed the request (internal error); retry")
         k = item.request.params.logprobs
