@@ -460,6 +460,16 @@ def test_the_vllm_backend_serves_the_same_api(demo, merged):
         assert value(samples, "modserve_pack_swaps_total", language="sw") >= 1
         assert value(samples, "modserve_packs_resident", tier="device") == 1
 
+        long = {"model": "modserve:sw", "messages": [{"role": "user", "content": "x"}], "max_tokens": 300,
+                "stream": True, "ignore_eos": True}
+        for _ in range(3):  # clients that leave mid-stream free vLLM at once
+            with httpx.stream("POST", f"{server.base_url}/chat/completions", json=long) as response:
+                next(response.iter_lines())
+        deadline = time.monotonic() + 2
+        while server.engine.stats().running and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert server.engine.stats().running == 0
+
         server.engine.faults.kill_loop = True  # the backend's scheduler dies at its next wake-up
         body = {"model": "modserve:te", "messages": [{"role": "user", "content": "x"}], "max_tokens": 4}
         for _ in range(2):  # the request that woke it, then one after
