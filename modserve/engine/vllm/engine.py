@@ -212,9 +212,8 @@ class VllmEngine(Engine):
 
     def _start_vllm(self, args: dict) -> None:
         from vllm import AsyncEngineArgs
-        from vllm.v1.engine.async_llm import AsyncLLM
-
         from vllm.config import StructuredOutputsConfig
+        from vllm.v1.engine.async_llm import AsyncLLM
 
         set_cpu_kv_cache_default(args)
         try:
