@@ -81,8 +81,8 @@ def create_app(
     app.state.status = status
     app.add_middleware(RequestAccounting, metrics=metrics, status=status)
     app.add_middleware(BodyLimit, limit=int(config.server.max_request_bytes))
-    app.add_middleware(RequestIds)
     app.add_middleware(CatchAll)
+    app.add_middleware(RequestIds)  # outermost: every response says which request it answers, 500s too
     created = int(time.time())
 
     keys = [k.encode() for k in config.server.api_keys]
