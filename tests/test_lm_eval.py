@@ -53,7 +53,8 @@ class ScriptedModel(LM):
 def evaluate(model: LM | str, task: str, **options) -> dict:
     """lm-eval's Python API on the repository's tasks only (no index of lm-eval's own)."""
     manager = TaskManager(include_path=str(TASKS), include_defaults=False)
-    return simple_evaluate(model=model, tasks=[task], task_manager=manager, bootstrap_iters=0, **options)
+    unseeded = {"random_seed": None, "numpy_random_seed": None, "torch_random_seed": None}  # the session's RNGs
+    return simple_evaluate(model=model, tasks=[task], task_manager=manager, bootstrap_iters=0, **unseeded, **options)
 
 
 def test_generation_task_scores_the_last_number_of_the_output_without_thousands_separators():
