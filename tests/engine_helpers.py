@@ -3,15 +3,27 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 
+import jsonschema
 import torch
 
 from modserve.demo.synthetic import EOS_ID, EOT_ID
-from modserve.engine.base import GenerationRequest, SamplingParams
+from modserve.engine.base import GenerationRequest, SamplingParams, StructuredOutput
 from modserve.engine.loading import chat_token_ids
 from tests.oracle import hf_adjusted_greedy, hf_greedy, hf_logprobs
 
+ANSWER = {  # bounded, so even a random model completes it within a few dozen tokens
+    "type": "object",
+    "properties": {
+        "answer": {"type": "integer", "minimum": 0, "maximum": 999},
+        "unit": {"enum": ["apples", "eggs"]},
+        "sure": {"type": "boolean"},
+    },
+    "required": ["answer", "unit", "sure"],
+    "additionalProperties": False,
+}
 END_IDS = {EOS_ID, EOT_ID}  # the tiny families' generation_config eos ids
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])  # engines run on a GPU where there is one
 
@@ -55,8 +67,9 @@ async def until(condition, timeout: float = 5.0) -> None:
 
 async def collect(engine, request: GenerationRequest) -> dict:
     """Token ids and text per choice, the finish reasons, and the last usage."""
-    tokens, text, reasons, logprobs, last = {}, {}, {}, {}, None
+    tokens, text, reasons, logprobs, last, scored = {}, {}, {}, {}, None, None
     async for out in engine.generate(request):
+        scored = out.prompt_logprobs if out.prompt_logprobs is not None else scored
         for c in out.choices:
             tokens.setdefault(c.index, []).extend(c.token_ids)
             logprobs.setdefault(c.index, []).extend(c.logprobs or [])
@@ -66,7 +79,7 @@ async def collect(engine, request: GenerationRequest) -> dict:
         last = out
     return {
         "tokens": tokens, "text": text, "reasons": reasons, "logprobs": logprobs,
-        "usage": (last.prompt_tokens, last.completion_tokens), "cached": last.cached_tokens,
+        "usage": (last.prompt_tokens, last.completion_tokens), "cached": last.cached_tokens, "prompt_logprobs": scored,
     }
 
 
@@ -152,3 +165,37 @@ async def assert_penalties_and_logit_bias_steer_like_the_oracle(engine, oracle: 
         want = hf_adjusted_greedy(oracle[language], prompt, 16, **case)
         assert want != plain, f"{case} does not change this prompt's tokens: pick a stronger case"
         assert got == want, case
+
+
+async def assert_prompt_logprobs_are_the_merged_models(engine, oracle: dict, language: str) -> None:
+    """Every prompt token (but the first, which nothing predicts) scored as transformers scores
+    it on the merged checkpoint: its log-probability, its rank, the k likeliest."""
+    prompt = chat_ids(engine, f"score this prompt in {language}, " * 3)
+    params = SamplingParams(max_tokens=2, temperature=0.0, prompt_logprobs=2)
+    got = await collect(engine, GenerationRequest(f"prompt-logprobs-{language}", prompt, params, language))
+    entries = got["prompt_logprobs"]
+    assert len(entries) == len(prompt) and entries[0] is None
+    ref = hf_logprobs(oracle[language], prompt[:1], prompt[1:])
+    for position, entry in enumerate(entries[1:], start=1):
+        row = ref[position - 1]
+        assert entry.token_id == prompt[position]
+        assert abs(entry.logprob - row[entry.token_id].item()) < 1e-3
+        assert entry.rank == int((row > row[entry.token_id]).sum()) + 1
+        assert [t for t, _ in entry.top] == row.topk(2).indices.tolist()
+
+
+async def assert_structured_outputs_hold_in_a_mixed_batch(engine, languages: list[str], temperature: float) -> None:
+    """Constrained and free rows of every language in the same batches: each constrained choice
+    parses and validates against its schema; the free ones stay free."""
+    constraint = StructuredOutput("json", json.dumps(ANSWER))
+    constrained = SamplingParams(max_tokens=48, temperature=temperature, seed=5, n=2, structured=constraint)
+    free = SamplingParams(max_tokens=24, temperature=temperature, seed=5)
+    prompt = chat_ids(engine, "how many?")
+    runs = [collect(engine, GenerationRequest(f"so-{k}-{lang}", prompt, constrained, lang)) for k, lang in enumerate(languages)]
+    runs += [collect(engine, GenerationRequest(f"free-{k}-{lang}", prompt, free, lang)) for k, lang in enumerate(languages)]
+    results = await asyncio.gather(*runs)
+    for got in results[: len(languages)]:
+        for index, text in got["text"].items():
+            assert got["reasons"][index] == "stop", text
+            jsonschema.validate(json.loads(text), ANSWER)
+    assert any(not text.startswith("{") for got in results[len(languages):] for text in got["text"].values())

@@ -58,7 +58,7 @@ def running_server(config: ServeConfig) -> Iterator[RunningServer]:
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + 180  # vLLM starts in tens of seconds on a busy machine
     while time.monotonic() < deadline:
         with contextlib.suppress(httpx.HTTPError):
             if httpx.get(f"{url}/ready", timeout=1).status_code == 200:

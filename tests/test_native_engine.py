@@ -26,6 +26,8 @@ from tests.engine_helpers import (
     RecordingObserver,
     assert_logprobs_are_the_merged_models,
     assert_penalties_and_logit_bias_steer_like_the_oracle,
+    assert_prompt_logprobs_are_the_merged_models,
+    assert_structured_outputs_hold_in_a_mixed_batch,
     chat_ids,
     churn,
     collect,
@@ -133,6 +135,24 @@ async def test_a_long_prompt_is_prefilled_in_chunks_between_decode_steps(demo, m
 @pytest.mark.parametrize("language", ["te", "resident"])
 async def test_logprobs_are_the_merged_models_log_probabilities(engine, merged, language):
     await assert_logprobs_are_the_merged_models(engine, merged, language)
+
+
+@pytest.mark.parametrize("language", ["te", "resident"])
+async def test_prompt_logprobs_are_the_merged_models_log_probabilities(engine, merged, language):
+    await assert_prompt_logprobs_are_the_merged_models(engine, merged, language)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+async def test_structured_outputs_hold_for_every_row_of_a_mixed_language_batch(engine, temperature):
+    await assert_structured_outputs_hold_in_a_mixed_batch(engine, LANGUAGES, temperature)
+
+
+async def test_a_prompt_scored_across_prefill_chunks_is_scored_like_one_prefilled_whole(demo, merged):
+    engine = await started(demo.resident, demo.packs, max_prefill_tokens=16)
+    try:
+        await assert_prompt_logprobs_are_the_merged_models(engine, merged, "sw")
+    finally:
+        await engine.shutdown()
 
 
 @pytest.mark.parametrize("language", ["te", "resident"])

@@ -28,6 +28,7 @@ from schemathesis import GenerationMode
 
 from tests.oracle import hf_greedy
 from tests.serving import demo_config, free_port, running_server, scrape, value
+from tests.spec import components
 
 STRESS = os.environ.get("MODSERVE_STRESS") == "1"
 LOAD_SECONDS = 60 if STRESS else 12
@@ -345,7 +346,7 @@ def test_a_dead_engine_loop_fails_every_request_at_once_and_health_says_so(demo)
 # --- fuzz --------------------------------------------------------------------------------------
 
 
-def fuzz_operation(operation, mode: GenerationMode, url: str, statuses: Counter) -> None:
+def fuzz_operation(operation, mode: GenerationMode, url: str, statuses: Counter, params: Counter | None = None) -> None:
     """Positive cases name one of our models (any other string is a quick 404), so they reach
     routing, the engine and the stream; negative ones are whatever breaks the schema."""
     models = ["modserve", *(f"modserve:{t}" for t in TARGETS)]
@@ -361,6 +362,8 @@ def fuzz_operation(operation, mode: GenerationMode, url: str, statuses: Counter)
         assert response.status_code < 500, (case.body, response.text[:500])
         if response.status_code >= 400:
             assert set(response.json()) == {"error"}, response.text[:500]
+            if params is not None:
+                params[(response.status_code, response.json()["error"]["param"])] += 1
 
     fuzz()
 
@@ -381,6 +384,35 @@ def test_fuzzing_both_completion_endpoints_never_yields_a_5xx_and_leaves_the_ser
     for (_, _, status), count in statuses.items():
         by_status[status] += count
     report("fuzz", cases=total, **{f"status_{s}": n for s, n in sorted(by_status.items())}, server_errors=0)
+
+
+def test_fuzzing_with_the_openai_specs_own_request_schemas_never_yields_a_5xx(demo, merged):
+    """Positive cases of OpenAI's CreateChatCompletionRequest / CreateCompletionRequest: bodies
+    OpenAI would accept. modserve serves them, or refuses them naming the field (a 400 that
+    says which field it cannot honour), never a 5xx."""
+    request_body = lambda name: {  # noqa: E731
+        "required": True, "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{name}"}}},
+    }
+    operation = lambda name: {"post": {"requestBody": request_body(name), "responses": {"200": {"description": "ok"}}}}  # noqa: E731
+    document = {
+        "openapi": "3.1.0", "info": {"title": "OpenAI (requests)", "version": "spec"}, "components": components(),
+        "paths": {"/v1/chat/completions": operation("CreateChatCompletionRequest"), "/v1/completions": operation("CreateCompletionRequest")},
+    }
+    config = demo_config(demo, engine={"max_model_len": 64, "max_batch_size": 64})
+    with running_server(config) as server:
+        schema = schemathesis.openapi.from_dict(document)
+        statuses: Counter = Counter()
+        params: Counter = Counter()
+        for path in document["paths"]:
+            fuzz_operation(schema[path]["POST"], GenerationMode.POSITIVE, server.url, statuses, params)
+        assert_still_correct(server, merged)
+    by_status = Counter()
+    for (_, _, status), count in statuses.items():
+        by_status[status] += count
+    assert by_status[200] > 0 and not any(status >= 500 for status in by_status)
+    top = ", ".join(f"{status}:{param}={n}" for (status, param), n in params.most_common(12))
+    report("fuzz, OpenAI's request schemas", cases=sum(by_status.values()), **{f"status_{s}": n for s, n in sorted(by_status.items())},
+           by_field=top)
 
 
 # --- security ----------------------------------------------------------------------------------

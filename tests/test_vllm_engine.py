@@ -35,6 +35,8 @@ from tests.engine_helpers import (
     RecordingObserver,
     assert_logprobs_are_the_merged_models,
     assert_penalties_and_logit_bias_steer_like_the_oracle,
+    assert_prompt_logprobs_are_the_merged_models,
+    assert_structured_outputs_hold_in_a_mixed_batch,
     chat_ids,
     churn,
     collect,
@@ -84,6 +86,10 @@ async def engine(demo, extra_packs):
         await engine.start()
         yield engine
         await engine.shutdown()
+    for _ in range(100):  # they exit on their own after shutdown returns: give them a moment
+        if not child_processes():
+            break
+        await asyncio.sleep(0.1)
     assert not child_processes(), "vLLM's processes outlived shutdown"
 
 
@@ -162,6 +168,16 @@ async def test_requests_arriving_leaving_and_aborting_at_random_all_equal_their_
 @pytest.mark.parametrize("language", ["fr", "resident"])
 async def test_logprobs_are_the_merged_models_log_probabilities(engine, oracle, language):
     await assert_logprobs_are_the_merged_models(engine, oracle, language)
+
+
+@pytest.mark.parametrize("language", ["fr", "resident"])
+async def test_prompt_logprobs_are_the_merged_models_log_probabilities(engine, oracle, language):
+    await assert_prompt_logprobs_are_the_merged_models(engine, oracle, language)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+async def test_structured_outputs_hold_for_every_request_of_a_mixed_language_stream(engine, temperature):
+    await assert_structured_outputs_hold_in_a_mixed_batch(engine, LANGUAGES, temperature)
 
 
 @pytest.mark.parametrize("language", ["te", "resident"])

@@ -66,6 +66,15 @@ class PackUnavailableError(EngineError):
 
 
 @dataclass(frozen=True)
+class StructuredOutput:
+    """A constraint on the generated text (vLLM's structured outputs), enforced token by token."""
+
+    kind: Literal["json", "json_object", "regex", "choice", "grammar"]
+    spec: str = ""  # a JSON schema's text, a regex, an EBNF grammar, or the choices as a JSON list
+    param: str = "response_format"  # the request field it came from, named in errors
+
+
+@dataclass(frozen=True)
 class SamplingParams:
     max_tokens: int | None = None  # None: up to the context length
     temperature: float = 1.0
@@ -77,12 +86,16 @@ class SamplingParams:
     n: int = 1
     ignore_eos: bool = False
     logprobs: int | None = None  # None: off; k: each token's log-probability and the k likeliest
+    prompt_logprobs: int | None = None  # the same for every prompt token (the first has none)
     # Applied as vLLM does: logit_bias, then repetition (prompt and output tokens, HF's
     # definition), then frequency and presence (output tokens, OpenAI's definition).
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
     logit_bias: tuple[tuple[int, float], ...] = ()
+    min_tokens: int = 0  # before this many, stop ids and stop strings do not end the choice
+    min_p: float = 0.0  # drop tokens under min_p x the likeliest one's probability
+    structured: StructuredOutput | None = None
 
     def __post_init__(self) -> None:
         checks = [
@@ -94,11 +107,15 @@ class SamplingParams:
             ("n", 1 <= self.n <= 128, "must be in [1, 128]"),
             ("stop", len(self.stop) <= 16 and all(self.stop), "at most 16 non-empty strings"),
             ("logprobs", self.logprobs is None or 0 <= self.logprobs <= MAX_LOGPROBS, f"must be in [0, {MAX_LOGPROBS}]"),
+            ("prompt_logprobs", self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= MAX_LOGPROBS,
+             f"must be in [0, {MAX_LOGPROBS}]"),
             ("presence_penalty", -2.0 <= self.presence_penalty <= 2.0, "must be in [-2, 2]"),
             ("frequency_penalty", -2.0 <= self.frequency_penalty <= 2.0, "must be in [-2, 2]"),
             ("repetition_penalty", 0.0 < self.repetition_penalty <= 100.0, "must be in (0, 100]"),
             ("logit_bias", len(self.logit_bias) <= 300 and all(-100.0 <= b <= 100.0 for _, b in self.logit_bias),
              "at most 300 tokens, biases in [-100, 100]"),
+            ("min_tokens", 0 <= self.min_tokens <= (self.max_tokens or self.min_tokens), "must be in [0, max_tokens]"),
+            ("min_p", 0.0 <= self.min_p <= 1.0, "must be in [0, 1]"),
         ]
         for param, ok, why in checks:
             if not ok:
@@ -112,6 +129,11 @@ class SamplingParams:
     def adjusts_logits(self) -> bool:
         return bool(self.logit_bias) or (self.presence_penalty, self.frequency_penalty, self.repetition_penalty) != (0.0, 0.0, 1.0)
 
+    @property
+    def plain_greedy(self) -> bool:
+        """The batch's argmax is this row's token: nothing reshapes its logits."""
+        return self.greedy and not self.adjusts_logits and not self.min_tokens and self.structured is None
+
 
 @dataclass(frozen=True)
 class GenerationRequest:
@@ -123,12 +145,13 @@ class GenerationRequest:
 
 @dataclass(frozen=True)
 class TokenLogprob:
-    """A generated token's log-probability under the model (raw logits, before sampling
-    settings), and the likeliest tokens at that position, best first."""
+    """A token's log-probability under the model (raw logits, before sampling settings), its
+    rank there (1: the likeliest), and the likeliest tokens at that position, best first."""
 
     token_id: int
     logprob: float
     top: tuple[tuple[int, float], ...] = ()
+    rank: int = 1
 
 
 @dataclass
@@ -150,6 +173,7 @@ class RequestOutput:
     completion_tokens: int  # so far, all choices together
     finished: bool = False
     cached_tokens: int = 0  # prompt tokens whose KV came from a prefix cache
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # in the first output only; [0] is None
 
 
 @dataclass
@@ -260,6 +284,7 @@ class Engine(abc.ABC):
 
     observer: EngineObserver = NullObserver()
     faults: Faults  # each engine makes its own
+    fingerprints: dict[str, str]  # routing target -> system_fingerprint of its weights, set by start()
 
     @property
     @abc.abstractmethod

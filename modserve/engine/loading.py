@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import struct
 from pathlib import Path
 
 import torch
 
 from modserve.errors import ModserveError
+from modserve.languages import RESIDENT
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -75,7 +78,37 @@ def load_gguf(path: Path) -> tuple[dict, dict[str, torch.Tensor], object]:
     return model.config.to_dict(), dict(model.state_dict()), tokenizer
 
 
-def chat_token_ids(tokenizer, messages: list[dict]) -> list[int]:
-    """The resident's chat template applied, generation prompt added, as token ids."""
-    encoded = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+def chat_token_ids(tokenizer, messages: list[dict], add_generation_prompt: bool = True, **template_options) -> list[int]:
+    """The resident's chat template applied (generation prompt added by default), as token ids."""
+    encoded = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, **template_options)
     return list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)
+
+
+SAMPLES, SAMPLE_BYTES = 64, 4096
+
+
+def checkpoint_identity(path: Path) -> str:
+    """A cheap identity of a checkpoint's weights (not a verification): every weight file's
+    size, safetensors header (names, dtypes, shapes) and 64 sampled 4 KiB blocks of its
+    data — two fine-tunes of one architecture share headers, never their bytes."""
+    path = Path(path)
+    digest = hashlib.sha256()
+    for file in sorted(path.glob("*.safetensors")) if path.is_dir() else [path]:
+        size = file.stat().st_size
+        digest.update(f"{file.name}:{size}".encode())
+        with open(file, "rb") as handle:
+            header = struct.unpack("<Q", handle.read(8))[0] if file.suffix == ".safetensors" else 0
+            digest.update(handle.read(min(header, 1 << 24)))
+            start = 8 + header
+            for k in range(SAMPLES):
+                handle.seek(start + (size - start) * k // SAMPLES)
+                digest.update(handle.read(SAMPLE_BYTES))
+    return digest.hexdigest()
+
+
+def system_fingerprints(resident: Path, pack_contents: dict[str, str]) -> dict[str, str]:
+    """OpenAI's system_fingerprint per routing target: which weights answer — the resident's
+    identity and, for a pack, its content (the sha256 of its tensors, from its manifest)."""
+    base = checkpoint_identity(resident)
+    targets = {RESIDENT: "", **pack_contents}
+    return {lang: "fp_" + hashlib.sha256(f"{base}|{content}".encode()).hexdigest()[:16] for lang, content in targets.items()}

@@ -26,20 +26,23 @@ class TextStream:
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
-    def advance(self, token_id: int, stop_ids: frozenset[int], length_reached: bool) -> tuple[str, FinishReason | None]:
+    def advance(
+        self, token_id: int, stop_ids: frozenset[int], length_reached: bool, may_stop: bool = True
+    ) -> tuple[str, FinishReason | None]:
         """One generated token: the text it releases and the finish reason it causes, if any —
         a stop id (its text is dropped), a stop string (the text is cut before it), or the
-        length limit. Both backends decide a choice's text and its end here, token by token."""
+        length limit; before min_tokens (`may_stop` false) neither stop ids nor stop strings
+        end the text. Both backends decide a choice's text and its end here, token by token."""
         if token_id in stop_ids:
             return self.finish(), "stop"
-        text, hit_stop = self.push(token_id)
+        text, hit_stop = self.push(token_id, may_stop)
         if hit_stop:
             return text, "stop"
         if length_reached:
             return text + self.finish(), "length"
         return text, None
 
-    def push(self, token_id: int) -> tuple[str, bool]:
+    def push(self, token_id: int, find_stops: bool = True) -> tuple[str, bool]:
         """Add one token; return (text now final, hit a stop string)."""
         self.ids.append(token_id)
         before = self._decode(self.ids[self.prefix_offset : self.read_offset])
@@ -47,7 +50,7 @@ class TextStream:
         if len(after) > len(before) and not after.endswith("\ufffd"):
             self.text += after[len(before) :]
             self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
-        return self._release(final=False)
+        return self._release(final=False, find_stops=find_stops)
 
     def finish(self) -> str:
         """The rest of the text once generation ended (incomplete characters included)."""
@@ -57,8 +60,8 @@ class TextStream:
         self.prefix_offset = self.read_offset = len(self.ids)
         return self._release(final=True)[0]
 
-    def _release(self, final: bool) -> tuple[str, bool]:
-        if self.stop:
+    def _release(self, final: bool, find_stops: bool = True) -> tuple[str, bool]:
+        if self.stop and find_stops:
             start = max(0, self.released - self.hold)
             hits = [i for i in (self.text.find(s, start) for s in self.stop) if i >= 0]
             if hits:

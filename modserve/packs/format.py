@@ -59,6 +59,11 @@ class Manifest:
     extra: dict = field(default_factory=dict)
 
     @property
+    def content_sha256(self) -> str:
+        """One hash of everything the pack holds (its tensors' sha256s)."""
+        return content_sha256({name: entry["sha256"] for name, entry in self.tensors.items()})
+
+    @property
     def layers(self) -> list[int]:
         return sorted({i for i in map(layer_index, self.tensors) if i is not None})
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import re
+import time
 from collections.abc import Callable
 from contextlib import asynccontextmanager
 
@@ -26,8 +28,15 @@ from modserve.server.chat import ChatServing
 from modserve.server.completions import CompletionServing
 from modserve.server.errors import ApiError, from_engine_error
 from modserve.server.metrics import Metrics
-from modserve.server.middleware import AppStatus, BodyLimit, RequestAccounting
-from modserve.server.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
+from modserve.server.middleware import AppStatus, BodyLimit, RequestAccounting, RequestIds
+from modserve.server.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    TokenizeChatRequest,
+    TokenizeCompletionRequest,
+)
+from modserve.server.responses import DetokenizeResponse, ModelCard, ModelList, TokenizeResponse
 
 log = logging.getLogger("modserve.server")
 
@@ -72,7 +81,9 @@ def create_app(
     app.state.status = status
     app.add_middleware(RequestAccounting, metrics=metrics, status=status)
     app.add_middleware(BodyLimit, limit=int(config.server.max_request_bytes))
+    app.add_middleware(RequestIds)
     app.add_middleware(CatchAll)
+    created = int(time.time())
 
     keys = [k.encode() for k in config.server.api_keys]
 
@@ -107,10 +118,9 @@ def create_app(
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, err: RequestValidationError):
         first = err.errors()[0] if err.errors() else {"loc": (), "msg": "invalid request"}
-        loc = [str(p) for p in first["loc"] if p != "body"]
         if first.get("type") == "json_invalid":
             return ApiError(400, f"the body is not valid JSON: {first['msg']}", None, "invalid_json").response()
-        param = ".".join(loc) or None
+        param = param_of(first["loc"])
         return ApiError(400, f"{param or 'body'}: {first['msg']}", param, "invalid_value").response()
 
     @app.exception_handler(StarletteHTTPException)
@@ -141,10 +151,45 @@ def create_app(
     async def prometheus_metrics():
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
+    def card(model_id: str) -> ModelCard:
+        return ModelCard(id=model_id, created=created, root=model_id, max_model_len=engine.max_model_len)
+
     @app.get("/v1/models", dependencies=[Depends(authorize)])
     async def models():
-        cards = [ModelCard(id=model_id, root=model_id) for model_id in chat.model_ids()]
-        return ModelList(data=cards).model_dump()
+        return ModelList(data=[card(model_id) for model_id in chat.model_ids()]).model_dump()
+
+    def known_model(model_id: str | None) -> None:
+        if model_id is not None and model_id not in chat.known_models():
+            raise ApiError(404, f"model {model_id!r} does not exist; use one of {chat.known_models()}", "model", "model_not_found")
+
+    @app.get("/v1/models/{model_id:path}", dependencies=[Depends(authorize)])
+    async def model(model_id: str):
+        known_model(model_id)
+        return card(model_id).model_dump()
+
+    @app.post("/tokenize", dependencies=guarded)
+    async def tokenize(body: TokenizeChatRequest | TokenizeCompletionRequest):
+        """vLLM's: a prompt, or chat messages through the served template, as token ids."""
+        known_model(body.model)
+        tokenizer = engine.tokenizer
+        if isinstance(body, TokenizeChatRequest):
+            messages = [m.for_template() for m in body.messages]
+            tokens = chat.prompt(messages, add_generation_prompt=body.add_generation_prompt,
+                                 continue_final_message=body.continue_final_message)
+        else:
+            tokens = tokenizer(body.prompt, add_special_tokens=body.add_special_tokens)["input_ids"]
+        strs = tokenizer.convert_ids_to_tokens(tokens) if body.return_token_strs else None
+        return TokenizeResponse(count=len(tokens), max_model_len=engine.max_model_len, tokens=tokens, token_strs=strs).model_dump()
+
+    @app.post("/detokenize", dependencies=guarded)
+    async def detokenize(body: DetokenizeRequest):
+        known_model(body.model)
+        engine.check_token_ids(body.tokens, "tokens")
+        return DetokenizeResponse(prompt=engine.tokenizer.decode(body.tokens)).model_dump()
+
+    @app.get("/version")
+    async def version():
+        return {"version": __version__}
 
     @app.post("/v1/chat/completions", dependencies=guarded)
     async def chat_completions(body: ChatCompletionRequest, request: Request):
@@ -155,6 +200,16 @@ def create_app(
         return await completion.create(body, request)
 
     return app
+
+
+PYDANTIC_TAGS = re.compile(r"^(str|int|float|bool|dict|list|none|function-.*|.*[\[(].*)$", re.I)
+
+
+def param_of(loc: tuple) -> str | None:
+    """The field a validation error is about, as OpenAI names it (`messages.0.content`), without
+    pydantic's union-branch tags (`prompt.str` -> `prompt`)."""
+    parts = [str(p) for p in loc[1:] if isinstance(p, int) or not PYDANTIC_TAGS.match(str(p))]
+    return ".".join(parts) or None
 
 
 class CatchAll:

@@ -15,7 +15,7 @@ from modserve.engine.base import (
     PackUnavailableError,
     QueueFullError,
 )
-from modserve.server.protocol import ErrorDetail, ErrorResponse
+from modserve.server.responses import ErrorDetail, ErrorResponse
 
 ERROR_TYPES = {
     400: "invalid_request_error",

@@ -8,7 +8,9 @@ language served, a stream that failed after its 200) it writes into the request'
 
 from __future__ import annotations
 
+import re
 import time
+import uuid
 from dataclasses import dataclass
 
 from fastapi import Request
@@ -18,6 +20,7 @@ from modserve.server.metrics import Metrics
 
 ENDPOINTS = {"/v1/chat/completions": "chat", "/v1/completions": "completions"}
 OUTCOME = "modserve.outcome"  # the ASGI scope key
+REQUEST_ID = re.compile(rb"^[\x21-\x7e]{1,128}$")
 
 
 @dataclass
@@ -66,6 +69,33 @@ class RequestAccounting:
             code = "500" if result.failed else str(response["status"])
             self.metrics.requests.labels(endpoint, self.metrics.language(result.language), code).inc()
             self.metrics.request_duration.labels(endpoint).observe(time.perf_counter() - start)
+
+
+class RequestIds:
+    """Every response says which request it answers: the client's X-Request-Id (printable ASCII,
+    at most 128 characters) or one made up here; serving reads it from the request headers."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope["headers"])
+        given = headers.get(b"x-request-id")
+        if given is not None and not REQUEST_ID.match(given):
+            error = ApiError(400, "X-Request-Id: at most 128 printable ASCII characters", "X-Request-Id", "invalid_value")
+            return await error.response()(scope, receive, send)
+        rid = given or uuid.uuid4().hex.encode()
+        if given is None:
+            scope = {**scope, "headers": [*scope["headers"], (b"x-request-id", rid)]}
+
+        async def tag(message):
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), (b"x-request-id", rid)]}
+            await send(message)
+
+        await self.app(scope, receive, tag)
 
 
 class BodyLimit:

@@ -7,6 +7,7 @@ frames SSE. Nothing here touches tensors: the engine takes token ids and returns
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -22,16 +23,22 @@ from modserve.engine.base import (
     RequestOutput,
     TokenLogprob,
 )
+from modserve.languages import RESIDENT
 from modserve.router import Router, RoutingDecision, UnknownLanguageError
 from modserve.server.errors import ApiError, from_engine_error
 from modserve.server.logprobs import LogprobShapes
 from modserve.server.metrics import Metrics
 from modserve.server.middleware import outcome
-from modserve.server.protocol import Usage
+from modserve.server.responses import Usage
 
 log = logging.getLogger("modserve.server")
 MODEL = "modserve"
 Delta = tuple[int, str, str | None, list[TokenLogprob] | None]  # choice index, text, finish reason, logprobs
+
+
+def request_id(request: Request, prefix: str) -> str:
+    """`<prefix>-<X-Request-Id>`: the client's id when it named the request (see RequestIds)."""
+    return f"{prefix}-{request.headers['x-request-id']}"
 
 
 @dataclass
@@ -39,22 +46,22 @@ class Served:
     """One API request in flight: its engine streams (one per prompt) and what the metrics need."""
 
     endpoint: str
+    id: str  # what the response and the log call it (X-Request-Id when given)
     model: str
     decisions: list[RoutingDecision]
     streams: list[OutputStream]
     n: int
     prompt_lengths: list[int]
     arrival: float
+    user: str | None = None
     choices: dict[int, list[str]] = field(default_factory=dict)
     finish: dict[int, str | None] = field(default_factory=dict)
     completion_tokens: dict[int, int] = field(default_factory=dict)
     logprobs: dict[int, list[TokenLogprob]] = field(default_factory=dict)
     text_offsets: dict[int, int] = field(default_factory=dict)  # completions: where the next token's text starts
+    prompt_logprobs: dict[int, list[TokenLogprob | None]] = field(default_factory=dict)  # per prompt
+    cached_tokens: dict[int, int] = field(default_factory=dict)
     last_token_at: float | None = None
-
-    @property
-    def request_id(self) -> str:
-        return self.streams[0].request_id
 
     @property
     def prompt_tokens(self) -> int:
@@ -90,7 +97,20 @@ class Serving:
     # --- model ids and routing -----------------------------------------------------------
 
     def model_ids(self) -> list[str]:
+        """What /v1/models lists: automatic routing, and one id per pack."""
         return [MODEL, *(f"{MODEL}:{lang}" for lang in self.engine.languages)]
+
+    def known_models(self) -> list[str]:
+        """What requests may name: the listed ids, and the resident alone (the math expert as it is)."""
+        return [*self.model_ids(), f"{MODEL}:{RESIDENT}"]
+
+    def fingerprint(self, served: Served) -> str:
+        """The weights that answered: one target's fingerprint, or one over several (a multi-prompt
+        completion across languages)."""
+        prints = sorted({self.engine.fingerprints.get(d.language, "") for d in served.decisions})
+        if len(prints) == 1:
+            return prints[0]
+        return "fp_" + hashlib.sha256("|".join(prints).encode()).hexdigest()[:16]
 
     def explicit_model(self, model: str) -> str | None:
         """`modserve` -> auto (None); `modserve:sw` -> "sw"; anything else is not ours."""
@@ -170,6 +190,9 @@ class Serving:
                 self.metrics.itl.labels(language).observe((now - served.last_token_at) / new_tokens)
             served.last_token_at = now
         served.completion_tokens[k] = out.completion_tokens
+        served.cached_tokens[k] = out.cached_tokens
+        if out.prompt_logprobs is not None:
+            served.prompt_logprobs[k] = out.prompt_logprobs
         deltas = []
         for c in out.choices:
             index = k * served.n + c.index
@@ -187,13 +210,15 @@ class Serving:
             self.metrics.prompt_tokens.labels(language).inc(served.prompt_lengths[k])
             self.metrics.generation_tokens.labels(language).inc(served.completion_tokens.get(k, 0))
         log.info(
-            "%s %s language=%s prompt_tokens=%d completion_tokens=%d",
-            served.request_id, served.endpoint, served.language,
-            served.prompt_tokens, sum(served.completion_tokens.values()),
+            "%s %s language=%s prompt_tokens=%d completion_tokens=%d%s",
+            served.id, served.endpoint, served.language, served.prompt_tokens,
+            sum(served.completion_tokens.values()), f" user={served.user!r}" if served.user else "",
         )
 
-    def usage(self, served: Served) -> Usage:
-        return Usage.of(served.prompt_tokens, sum(served.completion_tokens.values()))
+    def usage(self, served: Served, generated: bool = True) -> Usage:
+        """`generated` false: max_tokens 0, the one token decoded to satisfy the engine is not the client's."""
+        completion = sum(served.completion_tokens.values()) if generated else 0
+        return Usage.of(served.prompt_tokens, completion, sum(served.cached_tokens.values()))
 
     async def collect(self, request: Request, served: Served) -> None:
         """Run to the end, unless the client leaves first: then abort at once."""

@@ -28,6 +28,7 @@ from modserve.engine.base import (
     EngineStats,
     Faults,
     GenerationRequest,
+    InvalidRequestError,
     OutputStream,
     QueueFullError,
     RequestOutput,
@@ -39,9 +40,11 @@ from modserve.engine.loading import (
     resolve_device,
     resolve_dtype,
     stop_token_ids,
+    system_fingerprints,
 )
 from modserve.engine.native.cache import KVCache
-from modserve.engine.native.model import Transformer
+from modserve.engine.native.grammar import Grammars
+from modserve.engine.native.model import Group, Transformer
 from modserve.engine.native.output import OutputProcessor
 from modserve.engine.native.pool import PackLease, PackPool
 from modserve.engine.native.sampling import make_generator
@@ -52,6 +55,7 @@ from modserve.errors import ModserveError
 from modserve.packs.format import ResidentHashes
 
 log = logging.getLogger(__name__)
+PROMPT_SCORE_ROWS = 256
 
 
 @dataclass
@@ -91,9 +95,11 @@ class RequestState:
     request: GenerationRequest
     loop: asyncio.AbstractEventLoop
     outputs: asyncio.Queue
+    grammar: object | None = None  # the compiled structured-output constraint (xgrammar)
     sequences: list[Sequence] = field(default_factory=list)
     queued: bool = True  # counts against max_waiting until its first sequence starts
     done: bool = False
+    prompt_logprobs_posted: bool = False
 
     def post(self, item: RequestOutput | Exception) -> None:
         self.loop.call_soon_threadsafe(self.outputs.put_nowait, item)
@@ -103,12 +109,17 @@ class RequestState:
         return all(s.finish_reason is not None for s in self.sequences)
 
     def output(self, choices: list[ChoiceDelta], finished: bool) -> RequestOutput:
+        """The next output; the prompt log-probabilities ride on the first one after they are whole."""
+        scorer, prompt_logprobs = self.sequences[0], None
+        if scorer.prompt_logprobs is not None and not self.prompt_logprobs_posted and scorer.cached >= len(scorer.prompt):
+            prompt_logprobs, self.prompt_logprobs_posted = scorer.prompt_logprobs, True
         return RequestOutput(
             request_id=self.request.request_id,
             choices=choices,
             prompt_tokens=len(self.request.prompt_token_ids),
             completion_tokens=sum(len(s.token_ids) for s in self.sequences),
             finished=finished,
+            prompt_logprobs=prompt_logprobs,
         )
 
 
@@ -128,6 +139,7 @@ class NativeEngine(Engine):
         self._stopping = False
         self._dead = False
         self.faults = Faults()
+        self.fingerprints = {}
         self._tokenizer = None
         self.pool: PackPool | None = None
 
@@ -192,6 +204,8 @@ class NativeEngine(Engine):
         self.pool.wakeup = self._wakeup
         self.scheduler = Scheduler(self.pool, self.config.max_batch_size, self.config.max_prefill_tokens)
         self.output = OutputProcessor(max_len, self.faults)
+        self.grammars = Grammars(self._tokenizer, args.vocab_size, self._stop_ids)
+        self.fingerprints = system_fingerprints(path, {lang: m.content_sha256 for lang, m in self.pool.manifests.items()})
         for language in self.languages:  # warm the device tier while the budget allows
             if isinstance(lease := self.pool.acquire(language), PackLease):
                 lease.release()
@@ -211,14 +225,16 @@ class NativeEngine(Engine):
 
     def generate(self, request: GenerationRequest) -> OutputStream:
         self.check_request(request)
+        constraint = request.params.structured
+        grammar = None if constraint is None else self.grammars.compile(constraint)  # a bad one is a 400
         if request.request_id in self._requests:
-            raise EngineError(f"request id {request.request_id!r} is already running", param="request_id")
+            raise InvalidRequestError(f"request id {request.request_id!r} is already running", param="request_id")
         with self._count_lock:
             if self._waiting_requests >= self.config.max_waiting:
                 raise QueueFullError(f"{self._waiting_requests} requests are already waiting; retry later")
             self._waiting_requests += 1
         stream = OutputStream(request.request_id, self.abort)
-        state = RequestState(request, asyncio.get_running_loop(), stream.queue)
+        state = RequestState(request, asyncio.get_running_loop(), stream.queue, grammar)
         self._requests[request.request_id] = state
         self._inbox.put(("add", state))
         self._wakeup.set()
@@ -320,6 +336,7 @@ class NativeEngine(Engine):
                 generator=make_generator(params, index, self.device),
                 arrival=next(self._arrivals),
                 stop_ids=stop_ids,
+                grammar=None if state.grammar is None else self.grammars.matcher(state.grammar),
             )
             state.sequences.append(seq)
             self.scheduler.add(seq)
@@ -351,20 +368,33 @@ class NativeEngine(Engine):
     def _prefill(self, plan: StepPlan) -> None:
         """Cache this step's prompt chunks; sequences whose prompt is now whole get their first token."""
         chunks = plan.prefill
-        logits = self._model.prefill(
+        scoring = frozenset(row for row, c in enumerate(chunks) if c.seq.wants_prompt_logprobs)
+        result = self._model.prefill(
             torch.tensor([t for c in chunks for t in c.seq.prompt[c.seq.cached : c.seq.cached + c.size]], device=self.device),
             [c.seq.cached for c in chunks],
             [c.size for c in chunks],
             [c.seq.slot for c in chunks],
             self._cache,
             plan.prefill_groups,
+            keep_hidden=scoring,
         )
+        for row in scoring:
+            self._score_prompt(chunks[row].seq, chunks[row].seq.cached, result.hidden[row])
         for chunk in chunks:
             self._dequeue(self._requests.get(chunk.seq.request.request_id))
         done = self.scheduler.prefilled(chunks)
         if done:
             rows = [row for row, chunk in enumerate(chunks) if chunk.seq in done]
-            self._emit([chunks[row].seq for row in rows], logits[rows])
+            self._emit([chunks[row].seq for row in rows], result.logits[rows])
+
+    def _score_prompt(self, seq: Sequence, start: int, hidden: torch.Tensor) -> None:
+        """Prompt log-probabilities from a chunk's hidden states, PROMPT_SCORE_ROWS at a time (a
+        vocabulary-wide row of logits per token would not fit for long prompts)."""
+        outer = seq.lease.weights.outer if seq.lease else None
+        for offset in range(0, hidden.shape[0], PROMPT_SCORE_ROWS):
+            rows = hidden[offset : offset + PROMPT_SCORE_ROWS]
+            logits = self._model.head(rows, [Group(0, rows.shape[0], {}, outer)])
+            self.output.prompt_logprobs(seq, start + offset, logits)
 
     def _dequeue(self, state: RequestState | None) -> None:
         """The request stops counting against max_waiting (first sequence started, or gone)."""

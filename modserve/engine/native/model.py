@@ -90,6 +90,12 @@ class OuterWeights:
 
 
 @dataclass
+class PrefillResult:
+    logits: Tensor  # [B, V] float32 after each sequence's last chunk token
+    hidden: dict[int, Tensor]  # sequence b -> final hidden states [n_b, D] of its chunk (when kept)
+
+
+@dataclass
 class Group:
     start: int  # rows [start, end)
     end: int
@@ -216,9 +222,12 @@ class Transformer:
 
     @torch.inference_mode()
     def prefill(
-        self, tokens: Tensor, starts: list[int], lengths: list[int], slots: list[int], cache: KVCache, groups: list[Group]
-    ) -> Tensor:
-        """Packed prompt chunks -> float32 logits [B, V] after each sequence's last chunk token.
+        self, tokens: Tensor, starts: list[int], lengths: list[int], slots: list[int], cache: KVCache,
+        groups: list[Group], keep_hidden: frozenset[int] = frozenset(),
+    ) -> PrefillResult:
+        """Packed prompt chunks -> float32 logits [B, V] after each sequence's last chunk token,
+        and for the sequences in `keep_hidden` every chunk token's final hidden state (their
+        prompt log-probabilities are read from it, a slice at a time, by `head`).
 
         tokens [N] holds sequence b's next lengths[b] prompt tokens (it has starts[b] cached in
         slot slots[b]), b = 0..B-1 in turn; groups are over sequences. No padding: the linear
@@ -231,7 +240,8 @@ class Transformer:
         token_groups = [replace(g, start=batch.offsets[g.start], end=batch.offsets[g.end]) for g in groups]
         h = self.forward(tokens[:, None], batch.positions[:, None], token_groups, cache, batch)  # [N, 1, D]
         last = h[torch.tensor(batch.offsets[1:], device=tokens.device) - 1, 0]  # [B, D]
-        return self.head(last, groups)
+        hidden = {b: h[batch.offsets[b] : batch.offsets[b + 1], 0] for b in keep_hidden}
+        return PrefillResult(self.head(last, groups), hidden)
 
     @torch.inference_mode()
     def decode(self, tokens: Tensor, positions: Tensor, cache: KVCache, groups: list[Group]) -> Tensor:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from modserve.engine.base import ChoiceDelta, Faults
-from modserve.engine.native.sampling import next_token, token_logprob
+from modserve.engine.native.sampling import next_token, token_logprob, token_logprobs
 from modserve.engine.native.scheduler import Sequence
 
 
@@ -47,14 +47,43 @@ class OutputProcessor:
                 out.finished.append(seq)
         return out
 
+    def prompt_logprobs(self, seq: Sequence, start: int, logits: torch.Tensor) -> None:
+        """Entries for the prompt tokens a chunk's logits [n, V] predict: chunk row j (prompt
+        position start + j) predicts the token at start + j + 1 (past the prompt: the first
+        generated token, which is not the prompt's)."""
+        if seq.prompt_logprobs is None:
+            seq.prompt_logprobs = [None]  # nothing predicts the first token
+        predicted = seq.prompt[start + 1 : start + 1 + logits.shape[0]]
+        if predicted:
+            seq.prompt_logprobs += token_logprobs(logits[: len(predicted)], predicted, seq.request.params.prompt_logprobs)
+
     def advance(self, seq: Sequence, logits: torch.Tensor, argmax: int) -> ChoiceDelta:
         self.faults.check_row(seq.request.request_id)
         p = seq.request.params
-        plain_greedy = p.greedy and not p.adjusts_logits
-        token = argmax if plain_greedy else next_token(logits, p, seq.generator, seq.prompt, seq.token_ids)
-        logprob = None if p.logprobs is None else [token_logprob(logits, token, p.logprobs)]
+        if p.plain_greedy:
+            token = argmax
+        else:
+            token = next_token(self.shaped(seq, logits), p, seq.generator, seq.prompt, seq.token_ids)
+        logprob = None if p.logprobs is None else [token_logprob(logits, token, p.logprobs)]  # the raw logits'
+        if seq.grammar is not None:
+            seq.grammar.accept(token)
         seq.token_ids.append(token)
-        limit = p.max_tokens or self.max_model_len
-        length_reached = len(seq.token_ids) >= limit or seq.cached + 1 >= self.max_model_len
-        text, reason = seq.text.advance(token, seq.stop_ids, length_reached)
+        may_stop = len(seq.token_ids) >= p.min_tokens
+        length_reached = len(seq.token_ids) >= (p.max_tokens or self.max_model_len) or seq.cached + 1 >= self.max_model_len
+        text, reason = seq.text.advance(token, seq.stop_ids if may_stop else frozenset(), length_reached, may_stop)
+        if reason is None and seq.grammar is not None and seq.grammar.done:
+            text, reason = text + seq.text.finish(), "stop"  # the grammar ended (its stop token, even with ignore_eos)
         return ChoiceDelta(seq.index, text, [token], reason, logprob)
+
+    @staticmethod
+    def shaped(seq: Sequence, logits: torch.Tensor) -> torch.Tensor:
+        """The row's logits with what its request forbids now masked: stop ids before min_tokens,
+        tokens that would leave its grammar."""
+        if len(seq.token_ids) >= seq.request.params.min_tokens and seq.grammar is None:
+            return logits
+        logits = logits.clone()
+        if len(seq.token_ids) < seq.request.params.min_tokens and seq.stop_ids:
+            logits[list(seq.stop_ids)] = float("-inf")
+        if seq.grammar is not None:
+            seq.grammar.mask(logits)
+        return logits

@@ -22,9 +22,12 @@ def make_generator(params: SamplingParams, choice: int, device: torch.device) ->
     return torch.Generator(device=device).manual_seed((params.seed + choice) % SEED_SPACE)
 
 
-def filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
-    """Mask (to -inf) the tokens outside the top-k and outside the smallest top-p nucleus;
-    the likeliest token always stays, however small top_p is."""
+def filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float, min_p: float = 0.0) -> torch.Tensor:
+    """Mask (to -inf) the tokens outside the top-k, outside the smallest top-p nucleus, and
+    under min_p x the likeliest one's probability; the likeliest token always stays."""
+    if min_p > 0.0:
+        probs = torch.softmax(logits, dim=-1)
+        logits = logits.masked_fill(probs < min_p * probs.max(), float("-inf"))
     if top_k and top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -61,12 +64,23 @@ def next_token(
     row = adjust(logits, p, prompt, output) if p.adjusts_logits else logits
     if p.greedy:
         return int(torch.argmax(row))
-    probs = torch.softmax(filter_top_k_top_p(row / p.temperature, p.top_k, p.top_p), dim=-1)
+    probs = torch.softmax(filter_top_k_top_p(row / p.temperature, p.top_k, p.top_p, p.min_p), dim=-1)
     return int(torch.multinomial(probs, 1, generator=generator)[0])
 
 
 def token_logprob(logits: torch.Tensor, token: int, k: int) -> TokenLogprob:
     """The chosen token's log-probability under the raw logits [V], and the k likeliest."""
+    return token_logprobs(logits[None], [token], k)[0]
+
+
+def token_logprobs(logits: torch.Tensor, tokens: list[int], k: int) -> list[TokenLogprob]:
+    """The same for m rows at once: logits [m, V] float32, one token per row."""
     logprobs = torch.log_softmax(logits, dim=-1)
-    values, ids = torch.topk(logprobs, k) if k else (logprobs[:0], logprobs[:0].long())
-    return TokenLogprob(token, float(logprobs[token]), tuple(zip(ids.tolist(), values.tolist(), strict=True)))
+    chosen = logprobs.gather(1, torch.tensor(tokens, device=logits.device)[:, None])  # [m, 1]
+    ranks = (logprobs > chosen).sum(dim=-1) + 1
+    values, ids = torch.topk(logprobs, k) if k else (logprobs[:, :0], logprobs[:, :0].long())
+    top = zip(ids.tolist(), values.tolist(), strict=True)
+    return [
+        TokenLogprob(token, value, tuple(zip(row_ids, row_values, strict=True)), rank)
+        for token, value, rank, (row_ids, row_values) in zip(tokens, chosen[:, 0].tolist(), ranks.tolist(), top, strict=True)
+    ]

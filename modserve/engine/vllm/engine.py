@@ -32,10 +32,18 @@ from modserve.engine.base import (
     EngineStats,
     Faults,
     GenerationRequest,
+    InvalidRequestError,
     OutputStream,
     PackUnavailableError,
 )
-from modserve.engine.loading import is_gguf, load_tokenizer, resolve_dtype, stop_token_ids
+from modserve.engine.loading import (
+    is_gguf,
+    load_tokenizer,
+    resolve_dtype,
+    stop_token_ids,
+    system_fingerprints,
+)
+from modserve.engine.structured import grammar_of
 from modserve.engine.text import TextStream
 from modserve.engine.vllm.conversion import (
     FINISH_REASONS,
@@ -50,7 +58,7 @@ from modserve.engine.vllm.requests import ChoiceRun, VllmRequest
 from modserve.engine.vllm.worker import EXTENSION
 from modserve.errors import ModserveError
 from modserve.languages import RESIDENT
-from modserve.packs.format import content_sha256, read_manifest
+from modserve.packs.format import read_manifest
 
 log = logging.getLogger(__name__)
 
@@ -58,8 +66,7 @@ log = logging.getLogger(__name__)
 def pack_salt(pack: Path) -> str:
     """vLLM's cache_salt for a pack: its content, so a rebuilt pack never meets stale KV."""
     manifest = read_manifest(pack)
-    digest = content_sha256({name: entry["sha256"] for name, entry in manifest.tensors.items()})
-    return f"modserve-pack:{manifest.language}:{digest[:32]}"
+    return f"modserve-pack:{manifest.language}:{manifest.content_sha256[:32]}"
 
 
 class VllmEngine(Engine):
@@ -93,6 +100,7 @@ class VllmEngine(Engine):
         self._dead = False
         self._resident_bytes = 0
         self.faults = Faults()
+        self.fingerprints = {}
 
     @classmethod
     def from_config(cls, config: ServeConfig) -> VllmEngine:
@@ -170,6 +178,8 @@ class VllmEngine(Engine):
         except Exception:
             await self.shutdown()
             raise
+        contents = {lang: read_manifest(self.packs[lang]).content_sha256 for lang in self._pack_bytes}
+        self.fingerprints = system_fingerprints(self.resident, contents)
         self._groups.activate(RESIDENT)
         self._scheduler = asyncio.create_task(self._schedule(), name="modserve-vllm-groups")
         self._scheduler.add_done_callback(self._scheduler_ended)
@@ -194,14 +204,20 @@ class VllmEngine(Engine):
             "disable_log_stats": True,  # modserve's metrics; StepRecorder still sees every step
             **self.engine_args,
             "worker_extension_cls": EXTENSION,
+            # compact JSON, as the native backend writes it (see engine.structured)
+            "structured_outputs_config": {
+                "backend": "xgrammar", **self.engine_args.get("structured_outputs_config", {}), "disable_any_whitespace": True,
+            },
         }
 
     def _start_vllm(self, args: dict) -> None:
         from vllm import AsyncEngineArgs
+        from vllm.config import StructuredOutputsConfig
         from vllm.v1.engine.async_llm import AsyncLLM
 
         set_cpu_kv_cache_default(args)
         try:
+            args = {**args, "structured_outputs_config": StructuredOutputsConfig(**args["structured_outputs_config"])}
             engine_args = AsyncEngineArgs(**args)
         except TypeError as err:
             raise ModserveError(f"engine.vllm: not a vLLM engine argument ({err})") from None
@@ -250,10 +266,12 @@ class VllmEngine(Engine):
         if request.language in self._failed:
             raise PackUnavailableError(request.language)
         if request.request_id in self._running or self._groups.find(request.request_id):
-            raise EngineError(f"request id {request.request_id!r} is already running", param="request_id")
+            raise InvalidRequestError(f"request id {request.request_id!r} is already running", param="request_id")
         params = request.params
         max_tokens = params.max_tokens or self._max_model_len - len(request.prompt_token_ids)
         vllm_sampling_params(params, max_tokens, params.seed)  # refused here, before queueing
+        if params.structured is not None:
+            grammar_of(params.structured)  # refused here when it cannot compile
         stop_ids = frozenset((() if params.ignore_eos else self._stop_ids) + params.stop_token_ids)
 
         def run(indices: tuple[int, ...]) -> ChoiceRun:
@@ -393,12 +411,16 @@ class VllmEngine(Engine):
 
         run.submissions += 1
         prompt = item.request.prompt_token_ids + run.tokens
-        params = vllm_sampling_params(item.request.params, item.max_tokens - len(run.tokens), run.seed)
+        scores_prompt = run.submissions == 1 and run.indices[0] == 0 and item.request.params.prompt_logprobs is not None
+        params = vllm_sampling_params(item.request.params, item.max_tokens, run.seed, len(run.tokens), scores_prompt)
         vllm_id = f"{item.id}-{run.indices[0]}-{run.submissions}"
         try:
             async for out in self._llm.generate(tokens_input(prompt, cache_salt=item.salt), params, vllm_id):
                 if run.submissions == 1:
                     item.cached_tokens = max(item.cached_tokens, out.num_cached_tokens or 0)
+                if scores_prompt and out.prompt_logprobs is not None and item.prompt_logprobs is None:
+                    ids = item.request.prompt_token_ids
+                    item.prompt_logprobs = [None, *vllm_logprobs(ids[1:], out.prompt_logprobs[1:], params.prompt_logprobs)]
                 self._post(item, self._advance(item, run, out.outputs[0]))
                 if run.finish_reason is not None:
                     return
@@ -422,7 +444,8 @@ class VllmEngine(Engine):
             tokens.append(token)
             total = len(item.request.prompt_token_ids) + len(run.tokens)
             length_reached = len(run.tokens) >= item.max_tokens or total >= self._max_model_len
-            released, reason = run.text.advance(token, item.stop_ids, length_reached)
+            may_stop = len(run.tokens) >= item.request.params.min_tokens
+            released, reason = run.text.advance(token, item.stop_ids if may_stop else frozenset(), length_reached, may_stop)
             text += released
             if reason is not None:
                 run.finish_reason = reason

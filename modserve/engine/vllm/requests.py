@@ -19,6 +19,7 @@ from modserve.engine.base import (
     GenerationRequest,
     OutputStream,
     RequestOutput,
+    TokenLogprob,
 )
 from modserve.engine.text import TextStream
 
@@ -46,6 +47,8 @@ class VllmRequest:
     max_tokens: int  # resolved against the context length
     arrival: float = field(default_factory=time.monotonic)
     cached_tokens: int = 0  # prompt tokens vLLM served from its prefix cache (first submission)
+    prompt_logprobs: list[TokenLogprob | None] | None = None
+    prompt_logprobs_posted: bool = False
 
     @property
     def id(self) -> str:
@@ -67,11 +70,16 @@ class VllmRequest:
     def resumable(self) -> bool:
         """Can it be stopped and resumed as prompt + generated tokens with the same result?
         Not when vLLM would count the generated tokens differently once they are prompt
-        (presence/frequency penalties), nor a seeded draw (its random stream would restart)."""
+        (presence/frequency penalties), nor a seeded draw (its random stream would restart),
+        nor a structured output (its grammar would start over)."""
         p = self.request.params
-        return not (p.presence_penalty or p.frequency_penalty) and (p.greedy or p.seed is None)
+        exact = not (p.presence_penalty or p.frequency_penalty) and p.structured is None
+        return exact and (p.greedy or p.seed is None)
 
     def output(self, choices: list[ChoiceDelta]) -> RequestOutput:
+        prompt_logprobs = None
+        if self.prompt_logprobs is not None and not self.prompt_logprobs_posted:
+            prompt_logprobs, self.prompt_logprobs_posted = self.prompt_logprobs, True
         return RequestOutput(
             request_id=self.id,
             choices=choices,
@@ -79,6 +87,7 @@ class VllmRequest:
             completion_tokens=sum(len(run.tokens) * len(run.indices) for run in self.runs),
             finished=not self.unfinished,
             cached_tokens=self.cached_tokens,
+            prompt_logprobs=prompt_logprobs,
         )
 
     def aborted(self) -> RequestOutput:
