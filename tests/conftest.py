@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
@@ -12,6 +11,7 @@ from modserve.demo.builtin import DemoPaths, build_demo
 from modserve.demo.synthetic import Family, TinySpec, build_family
 
 REPO = Path(__file__).resolve().parents[1]
+MGSM_DIR = REPO / "data" / "mgsm"  # vendored, CC BY 4.0 (its README is the attribution)
 MODSERVE = [sys.executable, "-m", "modserve"]
 
 
@@ -39,7 +39,4 @@ def merged(demo, tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="session")
 def mgsm_dir() -> Path:
-    path = Path(os.environ.get("MODSERVE_MGSM_DIR", REPO.parent / "shared" / "data" / "mgsm"))
-    if not path.is_dir():
-        pytest.skip(f"MGSM data not found at {path} (set MODSERVE_MGSM_DIR)")
-    return path
+    return MGSM_DIR

@@ -1,4 +1,4 @@
-"""MGSM questions (../shared/data/mgsm) and the text variants the router is held to."""
+"""MGSM questions (vendored in data/mgsm/) and the text variants the router is held to."""
 
 from __future__ import annotations
 

@@ -13,7 +13,8 @@ from modserve.errors import ModserveError
 BENCH_LANGUAGES = ("sw", "te", "bn", "ja", "th", "zh", "ru", "de")
 
 # A small built-in prompt set (one grade-school problem per language) so the benchmark
-# runs without MGSM; with --mgsm, the 250 questions per language are used instead.
+# runs anywhere; with --mgsm data/mgsm (the repository's copy), MGSM's 250 questions per
+# language are used instead.
 BUILTIN_PROMPTS = {
     "sw": "Juma ana machungwa 12. Anampa dada yake 5 na ananunua mengine 8. Ana machungwa mangapi sasa?",
     "te": "రాము దగ్గర 12 మామిడి పండ్లు ఉన్నాయి. అతను 5 తన చెల్లెలికి ఇచ్చి, మరో 8 కొన్నాడు. ఇప్పుడు అతని దగ్గర ఎన్ని ఉన్నాయి?",
