@@ -94,9 +94,16 @@ async def engine(demo, extra_packs):
 
 
 def child_processes() -> set[int]:
-    """Ours, except multiprocessing's resource tracker (it lives as long as this process)."""
-    children = psutil.Process().children(recursive=True)
-    return {c.pid for c in children if "resource_tracker" not in " ".join(c.cmdline())}
+    """Ours still running, except multiprocessing's resource tracker (it lives as long as this
+    process); a child that already exited but is not reaped yet is gone."""
+    alive = set()
+    for child in psutil.Process().children(recursive=True):
+        try:
+            if child.status() != psutil.STATUS_ZOMBIE and "resource_tracker" not in " ".join(child.cmdline()):
+                alive.add(child.pid)
+        except (psutil.NoSuchProcess, psutil.ZombieProcess):
+            continue
+    return alive
 
 
 @pytest.fixture
