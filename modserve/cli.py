@@ -65,10 +65,24 @@ def build(
     transition_weight: WeightOption = None,
     non_layer: NonLayerOption = None,
     config: Annotated[Path | None, typer.Option(help="build.yaml with per-language plans")] = None,
+    delta_rank: Annotated[
+        int | None, typer.Option(help="delta packs: swapped linears as rank-R factors of their change")
+    ] = None,
+    delta_energy: Annotated[
+        float | None, typer.Option(help="delta packs: per linear the smallest rank keeping this energy")
+    ] = None,
+    fidelity_prompts: Annotated[
+        Path | None,
+        typer.Option(help="delta packs: prompts to measure fidelity on (file, or a dir of mgsm_LANG.tsv)"),
+    ] = None,
+    no_fidelity: Annotated[bool, typer.Option(help="delta packs: skip the fidelity measurement")] = False,
     quiet: Annotated[bool, typer.Option(help="no progress bars")] = False,
 ) -> None:
-    """Cut a block pack per language expert: DIR/LANG.pack/."""
+    """Cut a block pack per language expert: DIR/LANG.pack/ (exact, or delta with --delta-*)."""
     from modserve.packs.build import BuildConfig, build_packs, load_build_config, resolve_jobs
+    from modserve.packs.fidelity import default_prompts, read_prompts
+    from modserve.packs.format import read_manifest
+    from modserve.packs.lowrank import RankChoice
 
     cfg = load_build_config(config) if config else BuildConfig()
     resident = resident or cfg.resident
@@ -81,9 +95,47 @@ def build(
         bottom=bottom, top=top, transition=transition,
         transition_weight=transition_weight, non_layer=non_layer,
     )
-    jobs = resolve_jobs(cfg, parse_experts(expert), cli_plan)
-    for pack in build_packs(resident, jobs, out, progress=not quiet):
+    delta = None
+    if delta_rank is not None or delta_energy is not None:
+        delta = RankChoice(rank=delta_rank, energy=delta_energy)
+    elif fidelity_prompts is not None or no_fidelity:
+        raise ModserveError("--fidelity-prompts/--no-fidelity: only for delta packs (--delta-rank or --delta-energy)")
+    jobs = resolve_jobs(cfg, parse_experts(expert), cli_plan, delta)
+    prompts = {}
+    if delta is not None and not no_fidelity:
+        prompts = {
+            job.language: read_prompts(fidelity_prompts, job.language) if fidelity_prompts
+            else default_prompts(job.language)
+            for job in jobs
+        }
+    for pack in build_packs(resident, jobs, out, progress=not quiet, fidelity_prompts=prompts):
         typer.echo(f"wrote {pack}")
+        if delta is not None:
+            print_delta_fit(read_manifest(pack))
+
+
+def print_delta_fit(manifest) -> None:
+    """Per factored tensor its rank, kept energy and ‖Δ − BA‖/‖W_lang‖; then the measured fidelity."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{manifest.language}: delta fit", show_edge=False)
+    for column in ("tensor", "rank", "energy", "rel. error"):
+        table.add_column(column, justify="left" if column == "tensor" else "right")
+    for name, fit in manifest.delta["tensors"].items():
+        rank = f"{fit['rank']} (capped at {fit['full_rank']})" if fit["capped"] else str(fit["rank"])
+        table.add_row(name, rank, f"{fit['energy']:.4f}", f"{fit['relative_error']:.2e}")
+    console = Console()
+    console.print(table)
+    fidelity = manifest.fidelity
+    if fidelity.get("measured"):
+        console.print(
+            f"{manifest.language}: fidelity vs the exact pack on {fidelity['prompts']} prompts "
+            f"({fidelity['tokens']} tokens): KL mean {fidelity['kl_mean']:.2e}, max {fidelity['kl_max']:.2e}, "
+            f"top-1 agreement {fidelity['top1_agreement']:.4f}"
+        )
+    else:
+        console.print(f"{manifest.language}: fidelity not measured")
 
 
 @app.command()

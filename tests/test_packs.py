@@ -69,7 +69,7 @@ def test_manifest_records_plan_layers_and_fingerprints(family, tmp_path):
     plan = Plan(bottom=3, top=2)
     (pack,) = build_packs(family.math, [BuildJob("te", family.languages["te"], plan)], tmp_path, progress=False)
     manifest = json.loads((pack / "manifest.json").read_text())
-    assert manifest["format"] == "modserve.pack/1"
+    assert manifest["format"] == "modserve.pack/2" and manifest["kind"] == "exact"
     assert manifest["language"] == "te"
     assert manifest["plan"] == plan.to_dict()
     assert manifest["layers"] == [0, 1, 2, 3, 9, 10, 11]

@@ -2,7 +2,9 @@
 
 Like mergekit, the plan is computed from headers alone (names, shapes); only the
 tensors the plan takes from the language expert are ever read, one at a time,
-so peak memory is the pack plus a tensor, never a whole model.
+so peak memory is the pack plus a tensor, never a whole model. A delta pack is cut
+from the same stream: each swapped linear is factored as it passes, and its fidelity
+against the exact pack is measured before anything is written.
 """
 
 from __future__ import annotations
@@ -18,6 +20,15 @@ from tqdm import tqdm
 from modserve.checkpoint import Checkpoint, tensor_sha256
 from modserve.errors import CheckpointError, ModserveError, PlanError
 from modserve.languages import LANGUAGE_CODE, RESIDENT
+from modserve.packs.delta import (
+    exact_tensors,
+    factor_names,
+    fit,
+    fit_record,
+    is_factored,
+    stored_factors,
+)
+from modserve.packs.fidelity import FidelityProbe
 from modserve.packs.format import (
     Manifest,
     ResidentHashes,
@@ -25,6 +36,7 @@ from modserve.packs.format import (
     structure_fingerprint,
     write_pack,
 )
+from modserve.packs.lowrank import RankChoice
 from modserve.packs.plan import FROM_RESIDENT, Plan, Source
 
 
@@ -35,6 +47,7 @@ class PackPlan:
     language: str
     plan: Plan
     steps: list[tuple[str, Source]]
+    delta: RankChoice | None = None  # None: an exact pack
 
 
 def check_language_code(language: str, field: str = "language") -> str:
@@ -65,12 +78,14 @@ def check_compatible(resident: Checkpoint, expert: Checkpoint) -> None:
             )
 
 
-def plan_pack(resident: Checkpoint, expert: Checkpoint, language: str, plan: Plan) -> PackPlan:
+def plan_pack(
+    resident: Checkpoint, expert: Checkpoint, language: str, plan: Plan, delta: RankChoice | None = None
+) -> PackPlan:
     check_language_code(language)
     check_compatible(resident, expert)
     plan.check(resident.num_layers)
     sources = ((name, plan.tensor_source(name, resident.num_layers)) for name in resident.names)
-    return PackPlan(language, plan, [(name, src) for name, src in sources if src != FROM_RESIDENT])
+    return PackPlan(language, plan, [(name, src) for name, src in sources if src != FROM_RESIDENT], delta)
 
 
 def blend(resident: torch.Tensor, language: torch.Tensor, source: Source) -> torch.Tensor:
@@ -81,6 +96,17 @@ def blend(resident: torch.Tensor, language: torch.Tensor, source: Source) -> tor
     return (w * language.float() + (1.0 - w) * resident.float()).to(resident.dtype)
 
 
+def entry(tensor: torch.Tensor, source: Source, **extra) -> dict:
+    return {
+        "sha256": tensor_sha256(tensor),
+        "shape": list(tensor.shape),
+        "dtype": str(tensor.dtype).removeprefix("torch."),
+        "source": source.kind,
+        "weight": source.weight,
+        **extra,
+    }
+
+
 def build_pack(
     pack_plan: PackPlan,
     resident: Checkpoint,
@@ -88,25 +114,29 @@ def build_pack(
     target: Path,
     resident_hashes: ResidentHashes | None = None,
     progress: bool = True,
+    fidelity: tuple[FidelityProbe, list[str]] | None = None,
 ) -> Path:
-    """Stream the planned tensors into `target` (a `<lang>.pack` dir, written atomically)."""
+    """Stream the planned tensors into `target` (a `<lang>.pack` dir, written atomically).
+
+    A delta pack's fidelity is measured with `fidelity` (a probe and its prompts) when given;
+    its manifest says so when not."""
     hashes = resident_hashes or ResidentHashes(resident)
-    tensors, entries, expert_hashes = {}, {}, {}
+    tensors, entries, expert_hashes, exact, fits = {}, {}, {}, {}, {}
     steps = tqdm(pack_plan.steps, desc=f"{pack_plan.language}.pack", unit="tensor", disable=not progress)
     for name, source in steps:
         base = resident.get(name)
         hashes.of(name, base)
         taken = expert.get(name)
         expert_hashes[name] = tensor_sha256(taken)
-        out = blend(base, taken, source)
-        tensors[name] = out.contiguous()
-        entries[name] = {
-            "sha256": tensor_sha256(out),
-            "shape": list(out.shape),
-            "dtype": str(out.dtype).removeprefix("torch."),
-            "source": source.kind,
-            "weight": source.weight,
-        }
+        out = blend(base, taken, source).contiguous()
+        if pack_plan.delta is None or not is_factored(name, out):
+            tensors[name], entries[name] = out, entry(out, source)
+            continue
+        exact[name] = out
+        factors = fit(base, out, pack_plan.delta)
+        fits[name] = fit_record(factors, out)
+        for stored, factor in zip(factor_names(name), stored_factors(factors, out.dtype), strict=True):
+            tensors[stored], entries[stored] = factor, entry(factor, source, factor_of=name)
     if not tensors:
         raise PlanError(f"{pack_plan.language}: the plan swaps nothing (bottom=top=0, non_layer resident)")
     manifest = Manifest(
@@ -115,13 +145,22 @@ def build_pack(
         num_layers=resident.num_layers,
         dtype=next(iter(entries.values()))["dtype"],
         tensors=entries,
-        resident=hashes.fingerprint(list(tensors)),
+        resident={},
         expert={
             **structure_fingerprint(expert),
             "content_sha256": content_sha256(expert_hashes),
             "path": str(expert.path),
         },
     )
+    manifest.resident = hashes.fingerprint(manifest.replaced)
+    if pack_plan.delta is not None:
+        manifest.kind = "delta"
+        manifest.delta = {"scheme": "svd", **pack_plan.delta.describe(), "tensors": fits}
+        manifest.fidelity = {"measured": False}
+        if fidelity is not None:
+            probe, prompts = fidelity
+            approx = {n: t for n, t in exact_tensors(manifest, tensors, resident).items() if n in exact}
+            manifest.fidelity = probe.measure(exact, approx, prompts)
     return write_pack(target, manifest, tensors)
 
 
@@ -175,10 +214,11 @@ class BuildJob:
     language: str
     expert: Path
     plan: Plan
+    delta: RankChoice | None = None  # None: an exact pack
 
 
 def resolve_jobs(
-    config: BuildConfig, cli_experts: dict[str, Path], cli_plan: dict
+    config: BuildConfig, cli_experts: dict[str, Path], cli_plan: dict, delta: RankChoice | None = None
 ) -> list[BuildJob]:
     """Plan fields, later winning: defaults, config `plan`, config `languages.<lang>`, CLI flags."""
     experts = {lang: entry.expert for lang, entry in config.languages.items()} | cli_experts
@@ -194,17 +234,33 @@ def resolve_jobs(
             plan = Plan(**fields)
         except PlanError as err:
             raise PlanError(f"plan for {language}: {err}") from None
-        jobs.append(BuildJob(check_language_code(language, "--expert"), Path(expert), plan))
+        jobs.append(BuildJob(check_language_code(language, "--expert"), Path(expert), plan, delta))
     return jobs
 
 
-def build_packs(resident_path: Path, jobs: list[BuildJob], out_dir: Path, progress: bool = True) -> list[Path]:
-    """Plan every language first (so bad input fails before anything is written), then build each."""
+def build_packs(
+    resident_path: Path,
+    jobs: list[BuildJob],
+    out_dir: Path,
+    progress: bool = True,
+    fidelity_prompts: dict[str, list[str]] | None = None,
+) -> list[Path]:
+    """Plan every language first (so bad input fails before anything is written), then build each.
+
+    Delta packs are measured on `fidelity_prompts[language]` where given."""
     resident = Checkpoint(resident_path)
     experts = [Checkpoint(job.expert) for job in jobs]
-    planned = [plan_pack(resident, e, j.language, j.plan) for j, e in zip(jobs, experts, strict=True)]
+    planned = [
+        plan_pack(resident, e, j.language, j.plan, j.delta) for j, e in zip(jobs, experts, strict=True)
+    ]
+    prompts = fidelity_prompts or {}
+    measured = [pp for pp in planned if pp.delta is not None and prompts.get(pp.language)]
+    probe = FidelityProbe(resident) if measured else None
     hashes = ResidentHashes(resident)
     return [
-        build_pack(pp, resident, expert, Path(out_dir) / f"{pp.language}.pack", hashes, progress)
+        build_pack(
+            pp, resident, expert, Path(out_dir) / f"{pp.language}.pack", hashes, progress,
+            (probe, prompts[pp.language]) if pp in measured else None,
+        )
         for pp, expert in zip(planned, experts, strict=True)
     ]

@@ -1,8 +1,11 @@
-"""The block-pack format `modserve.pack/1`: blocks.safetensors plus manifest.json.
+"""The block-pack format `modserve.pack/2`: blocks.safetensors plus manifest.json.
 
 A pack is only meaningful on the resident it was cut for, so its manifest
 fingerprints both parents; every tensor carries its sha256 so a flipped byte on
-disk is caught before it reaches a forward pass.
+disk is caught before it reaches a forward pass. An exact pack stores each replaced
+tensor whole; a delta pack stores a swapped linear as low-rank factors of its change
+(`<name>.lora_A`, `<name>.lora_B`, each entry naming the tensor it is a `factor_of`).
+Version 1 manifests (exact packs before delta packs existed) are read as exact.
 """
 
 from __future__ import annotations
@@ -22,7 +25,9 @@ from modserve.errors import ModserveError, PackError
 from modserve.files import atomic_dir
 from modserve.packs.plan import Plan
 
-FORMAT = "modserve.pack/1"
+FORMAT = "modserve.pack/2"
+READABLE_FORMATS = ("modserve.pack/1", FORMAT)
+KINDS = ("exact", "delta")
 BLOCKS = "blocks.safetensors"
 MANIFEST = "manifest.json"
 
@@ -51,11 +56,14 @@ class Manifest:
     plan: Plan
     num_layers: int
     dtype: str
-    tensors: dict[str, dict]  # name -> {sha256, shape, dtype, source, weight}
+    tensors: dict[str, dict]  # stored name -> {sha256, shape, dtype, source, weight[, factor_of]}
     resident: dict  # structure fingerprint + content_sha256 of the tensors the pack replaces
     expert: dict
     version: str = __version__
     format: str = FORMAT
+    kind: str = "exact"
+    delta: dict | None = None  # delta packs: scheme, rank choice, per replaced linear its fit
+    fidelity: dict | None = None  # delta packs: measured against the exact pack (or why not)
     extra: dict = field(default_factory=dict)
 
     @property
@@ -71,6 +79,11 @@ class Manifest:
     def non_layer_tensors(self) -> list[str]:
         return sorted(n for n in self.tensors if layer_index(n) is None)
 
+    @property
+    def replaced(self) -> list[str]:
+        """The resident tensors this pack replaces (a factored one once, under its HF name)."""
+        return sorted({entry.get("factor_of", name) for name, entry in self.tensors.items()})
+
     def to_json(self) -> dict:
         return {
             "format": self.format,
@@ -80,6 +93,8 @@ class Manifest:
             "layers": self.layers,
             "non_layer_tensors": self.non_layer_tensors,
             "dtype": self.dtype,
+            "kind": self.kind,
+            **({"delta": self.delta, "fidelity": self.fidelity} if self.kind == "delta" else {}),
             "tensors": self.tensors,
             "resident": self.resident,
             "expert": self.expert,
@@ -89,8 +104,10 @@ class Manifest:
 
     @classmethod
     def from_json(cls, data: dict, where: Path) -> Manifest:
-        if data.get("format") != FORMAT:
+        if data.get("format") not in READABLE_FORMATS:
             raise PackError(f"{where}: format is {data.get('format')!r}, expected {FORMAT!r}")
+        if data.get("kind", "exact") not in KINDS:
+            raise PackError(f"{where}: kind is {data.get('kind')!r}, expected one of {KINDS}")
         try:
             manifest = cls(
                 language=str(data["language"]),
@@ -101,6 +118,10 @@ class Manifest:
                 resident=dict(data["resident"]),
                 expert=dict(data["expert"]),
                 version=str(data["modserve_version"]),
+                format=str(data["format"]),
+                kind=str(data.get("kind", "exact")),
+                delta=data.get("delta"),
+                fidelity=data.get("fidelity"),
             )
         except KeyError as err:
             raise PackError(f"{where}: missing field {err.args[0]!r}") from None
@@ -189,10 +210,10 @@ class ResidentHashes:
                     f"{where}: built for another resident ({key} is {recorded.get(key)!r}, "
                     f"resident {self.resident.path} has {value!r})"
                 )
-        unknown = [n for n in manifest.tensors if n not in self.resident.shard_of]
+        unknown = [n for n in manifest.replaced if n not in self.resident.shard_of]
         if unknown:
             raise PackError(f"{where}: tensors not in resident {self.resident.path}: {unknown[:3]}")
-        actual = self.fingerprint(list(manifest.tensors))["content_sha256"]
+        actual = self.fingerprint(manifest.replaced)["content_sha256"]
         if recorded.get("content_sha256") != actual:
             raise PackError(
                 f"{where}: built for another resident (content of the replaced tensors differs "

@@ -22,13 +22,16 @@ from modserve.checkpoint import (
 )
 from modserve.files import atomic_dir
 from modserve.packs.build import BuildJob, build_packs
+from modserve.packs.delta import exact_tensors
 from modserve.packs.format import ResidentHashes, load_verified_pack
 
 
 def merge_pack(resident_path: Path, pack_path: Path, out_dir: Path, progress: bool = True) -> Path:
-    """Verify the pack (sha256, resident fingerprint), then write resident-with-pack to `out_dir`."""
+    """Verify the pack (sha256, resident fingerprint), then write resident-with-pack to `out_dir`
+    (a delta pack as W_res + B·A)."""
     resident = Checkpoint(resident_path)
-    _, pack = load_verified_pack(pack_path, ResidentHashes(resident))
+    manifest, stored = load_verified_pack(pack_path, ResidentHashes(resident))
+    pack = exact_tensors(manifest, stored, resident)
     with atomic_dir(Path(out_dir)) as tmp:
         copy_side_files(resident.path, tmp)
         bar = tqdm(total=len(resident.names), desc="merge", unit="tensor", disable=not progress)

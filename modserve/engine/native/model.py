@@ -9,7 +9,9 @@ SiLU-gated MLP, scaled_dot_product_attention). Reading configs and weights lives
 Layer swapping: a batch is split into `Group`s (contiguous rows sharing one language's
 weights). For each layer the rows are processed in maximal runs of groups that use the
 same `LayerWeights` object (`is` identity), so a layer no group overrides runs once over
-the whole batch.
+the whole batch. A group's layer may instead be a `DeltaLayer` (a delta pack): its rows
+stay in the resident's run, every linear reads the resident's weight once for the whole
+run, and each delta group adds B·(A·h) on its own rows, with its own norms and biases.
 
 Shapes: B batch rows, T tokens, D dim, H query heads, K kv heads, d head_dim, V vocab.
 `prefill`, `decode` and `logits_all` run under torch.inference_mode themselves.
@@ -80,6 +82,42 @@ class LayerWeights:
 
 
 @dataclass
+class LowRank:
+    """Δ ≈ b @ a for one linear of a delta pack."""
+
+    a: Tensor  # [r, in]
+    b: Tensor  # [out, r]
+
+
+@dataclass
+class DeltaLayer:
+    """A language's layer as the resident's plus low-rank changes; norms and biases whole.
+
+    `deltas` and `biases` are keyed by LayerWeights field names (wq..w_down, bq..bo); a
+    linear with no entry is the resident's."""
+
+    attn_norm: Tensor  # [D]
+    ffn_norm: Tensor  # [D]
+    deltas: dict[str, LowRank]
+    biases: dict[str, Tensor | None]
+
+    def nbytes(self) -> int:
+        factors = [t for f in self.deltas.values() for t in (f.a, f.b)]
+        return nbytes(self.attn_norm, self.ffn_norm, *factors, *self.biases.values())
+
+
+@dataclass
+class Piece:
+    """Rows [start, end) that run through one block call on `weights`, with the delta groups
+    among them (row ranges relative to `start`)."""
+
+    start: int
+    end: int
+    weights: LayerWeights
+    deltas: list[tuple[int, int, DeltaLayer]]
+
+
+@dataclass
 class OuterWeights:
     embed: Tensor  # [V, D]
     norm: Tensor  # [D]
@@ -99,7 +137,7 @@ class PrefillResult:
 class Group:
     start: int  # rows [start, end)
     end: int
-    layers: Mapping[int, LayerWeights] = field(default_factory=dict)  # overrides of swapped layers
+    layers: Mapping[int, LayerWeights | DeltaLayer] = field(default_factory=dict)  # swapped layers
     outer: OuterWeights | None = None  # override of embed / final norm / lm_head
 
 
@@ -144,6 +182,35 @@ def runs(groups: list[Group], pick: Callable[[Group], object]) -> list[tuple[int
     return out
 
 
+def pieces(groups: list[Group], layer: int, resident: LayerWeights) -> list[Piece]:
+    """Block calls for one layer: a run of groups on one exact override, or on the resident
+    with any delta groups among them."""
+    out: list[Piece] = []
+    for g in groups:
+        own = g.layers.get(layer, resident)
+        weights = resident if isinstance(own, DeltaLayer) else own
+        if not out or out[-1].weights is not weights:
+            out.append(Piece(g.start, g.start, weights, []))
+        piece = out[-1]
+        if isinstance(own, DeltaLayer):
+            piece.deltas.append((g.start - piece.start, g.end - piece.start, own))
+        piece.end = g.end
+    return out
+
+
+def per_row(default: Tensor | None, n: int, deltas: list[tuple[int, int, DeltaLayer]], pick) -> Tensor | None:
+    """[n, 1, F] rows of `default`, each delta group's rows replaced by its own vector (None when
+    no row has one)."""
+    own = [(s, e, pick(d)) for s, e, d in deltas]
+    if default is None and all(v is None for _, _, v in own):
+        return None
+    like = default if default is not None else next(v for _, _, v in own if v is not None)
+    rows = (default if default is not None else torch.zeros_like(like)).expand(n, -1).clone()
+    for s, e, v in own:
+        rows[s:e] = 0 if v is None else v
+    return rows[:, None]
+
+
 def cat(parts: list[Tensor]) -> Tensor:
     return parts[0] if len(parts) == 1 else torch.cat(parts)
 
@@ -180,21 +247,39 @@ class Transformer:
         attend = prefill_attention if isinstance(batch, PrefillBatch) else decode_attention
         return attend(q[:, :, 0], keys, values, batch, rows)[:, :, None]
 
-    def block(self, layer: int, w: LayerWeights, x: Tensor, cos: Tensor, sin: Tensor, rows: slice, cache, batch) -> Tensor:
+    def block(self, layer: int, piece: Piece, x: Tensor, cos: Tensor, sin: Tensor, rows: slice, cache, batch) -> Tensor:
         """One decoder layer on x [n, T, D] (batch rows `rows`)."""
         n, T, _ = x.shape
         a = self.args
         H, K, d, eps = a.n_heads, a.n_kv_heads, a.head_dim, a.norm_eps
-        h = rms_norm(x, w.attn_norm, eps)
-        q = F.linear(h, w.wq, w.bq).view(n, T, H, d).transpose(1, 2)  # [n, H, T, d]
-        k = F.linear(h, w.wk, w.bk).view(n, T, K, d).transpose(1, 2)  # [n, K, T, d]
-        v = F.linear(h, w.wv, w.bv).view(n, T, K, d).transpose(1, 2)  # [n, K, T, d]
+        w, deltas = piece.weights, piece.deltas
+
+        def norm(x: Tensor, name: str) -> Tensor:
+            weight = getattr(w, name)
+            return rms_norm(x, per_row(weight, n, deltas, lambda dl: getattr(dl, name)) if deltas else weight, eps)
+
+        def linear(h: Tensor, name: str, bias_name: str | None = None) -> Tensor:
+            weight, bias = getattr(w, name), getattr(w, bias_name) if bias_name else None
+            if not deltas:
+                return F.linear(h, weight, bias)
+            y = F.linear(h, weight)
+            if bias_name and (rows_bias := per_row(bias, n, deltas, lambda dl: dl.biases.get(bias_name, bias))) is not None:
+                y = y + rows_bias
+            for s, e, dl in deltas:
+                if (f := dl.deltas.get(name)) is not None:
+                    y[s:e] += F.linear(F.linear(h[s:e], f.a), f.b)
+            return y
+
+        h = norm(x, "attn_norm")
+        q = linear(h, "wq", "bq").view(n, T, H, d).transpose(1, 2)  # [n, H, T, d]
+        k = linear(h, "wk", "bk").view(n, T, K, d).transpose(1, 2)  # [n, K, T, d]
+        v = linear(h, "wv", "bv").view(n, T, K, d).transpose(1, 2)  # [n, K, T, d]
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
         o = self.attention(layer, q, k, v, rows, cache, batch)  # [n, H, T, d]
-        x = x + F.linear(o.transpose(1, 2).reshape(n, T, H * d), w.wo, w.bo)
-        h = rms_norm(x, w.ffn_norm, eps)
-        return x + F.linear(F.silu(F.linear(h, w.w_gate)) * F.linear(h, w.w_up), w.w_down)
+        x = x + linear(o.transpose(1, 2).reshape(n, T, H * d), "wo", "bo")
+        h = norm(x, "ffn_norm")
+        return x + linear(F.silu(linear(h, "w_gate")) * linear(h, "w_up"), "w_down")
 
     def outer_of(self, g: Group) -> OuterWeights:
         return self.outer if g.outer is None else g.outer
@@ -209,8 +294,9 @@ class Transformer:
         # x [B, T, D]; every piece is computed per run of rows on the same weights
         x = cat([F.embedding(tokens[s:e], o.embed) for s, e, o in runs(groups, self.outer_of)])
         for i, resident in enumerate(self.layers):
-            pieces = runs(groups, lambda g, i=i, r=resident: g.layers.get(i, r))
-            x = cat([self.block(i, w, x[s:e], cos[s:e], sin[s:e], slice(s, e), cache, batch) for s, e, w in pieces])
+            parts = pieces(groups, i, resident)
+            x = cat([self.block(i, p, x[p.start : p.end], cos[p.start : p.end], sin[p.start : p.end],
+                                slice(p.start, p.end), cache, batch) for p in parts])
         return x
 
     def head(self, h: Tensor, groups: list[Group]) -> Tensor:

@@ -28,8 +28,8 @@ from pathlib import Path
 import torch
 
 from modserve.engine.base import EngineObserver, NullObserver, PackUnavailableError
-from modserve.engine.native.model import LayerWeights, ModelArgs, OuterWeights
-from modserve.engine.native.weights import layer_weights, outer_weights
+from modserve.engine.native.model import DeltaLayer, LayerWeights, ModelArgs, OuterWeights
+from modserve.engine.native.weights import delta_layer_weights, layer_weights, outer_weights
 from modserve.errors import ModserveError
 from modserve.packs.format import Manifest, ResidentHashes, load_verified_pack, read_manifest
 
@@ -38,12 +38,25 @@ RETRY_FAILED_AFTER_S = 30.0
 CPU = torch.device("cpu")
 
 
+def map_tensors(obj, fn: Callable[[torch.Tensor], torch.Tensor], done: dict[int, torch.Tensor]):
+    """`obj` (tensors inside dataclasses and dicts) with `fn` applied once to each distinct tensor."""
+    if obj is None:
+        return None
+    if isinstance(obj, torch.Tensor):
+        if id(obj) not in done:
+            done[id(obj)] = fn(obj)
+        return done[id(obj)]
+    if isinstance(obj, dict):
+        return {key: map_tensors(value, fn, done) for key, value in obj.items()}
+    return replace(obj, **{f.name: map_tensors(getattr(obj, f.name), fn, done) for f in fields(obj)})
+
+
 @dataclass
 class PackWeights:
-    """One language's swapped layers (and outer weights when the plan swaps them)."""
+    """One language's swapped layers, exact or delta (and outer weights when the plan swaps them)."""
 
     language: str
-    layers: dict[int, LayerWeights]
+    layers: dict[int, LayerWeights | DeltaLayer]
     outer: OuterWeights | None
 
     @property
@@ -52,26 +65,14 @@ class PackWeights:
         return outer + sum(layer.nbytes() for layer in self.layers.values())
 
     def tensors(self) -> list[torch.Tensor]:
-        parts = [*self.layers.values(), *([self.outer] if self.outer else [])]
-        found = {id(t): t for p in parts for f in fields(p) if (t := getattr(p, f.name)) is not None}
+        found: dict[int, torch.Tensor] = {}
+        self.map(lambda t: found.setdefault(id(t), t))
         return list(found.values())
 
     def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> PackWeights:
         """`fn` applied to every distinct tensor (tied tensors stay tied)."""
         done: dict[int, torch.Tensor] = {}
-
-        def apply(t: torch.Tensor | None) -> torch.Tensor | None:
-            if t is None:
-                return None
-            if id(t) not in done:
-                done[id(t)] = fn(t)
-            return done[id(t)]
-
-        def apply_all(weights):
-            return replace(weights, **{f.name: apply(getattr(weights, f.name)) for f in fields(weights)})
-
-        layers = {i: apply_all(layer) for i, layer in self.layers.items()}
-        return PackWeights(self.language, layers, apply_all(self.outer) if self.outer else None)
+        return PackWeights(self.language, map_tensors(self.layers, fn, done), map_tensors(self.outer, fn, done))
 
 
 class Transfers:
@@ -297,7 +298,8 @@ class PackPool:
     def _load_from_disk(self, language: str) -> PackWeights:
         """Read and verify on the host, in the serving dtype; the device copy is the caller's."""
         manifest, tensors = load_verified_pack(self.paths[language], self.resident, language)
-        layers = {i: layer_weights(tensors, i, CPU, self.dtype) for i in manifest.layers}
+        read_layer = delta_layer_weights if manifest.kind == "delta" else layer_weights
+        layers = {i: read_layer(tensors, i, CPU, self.dtype) for i in manifest.layers}
         outer = None
         if manifest.non_layer_tensors:
             outer = outer_weights(tensors, self.args, CPU, self.dtype)

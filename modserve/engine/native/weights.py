@@ -13,7 +13,14 @@ from torch import Tensor
 
 from modserve.checkpoint import Checkpoint
 from modserve.engine.native.config import model_args
-from modserve.engine.native.model import LayerWeights, ModelArgs, OuterWeights, Transformer
+from modserve.engine.native.model import (
+    DeltaLayer,
+    LayerWeights,
+    LowRank,
+    ModelArgs,
+    OuterWeights,
+    Transformer,
+)
 from modserve.errors import ModserveError
 
 
@@ -25,36 +32,51 @@ def take(tensors: Mapping[str, Tensor], name: str, device, dtype) -> Tensor:
     return tensor.to(device=device, dtype=dtype).contiguous()
 
 
+# LayerWeights field -> Hugging Face name inside `model.layers.N.`
+LINEARS = {
+    "wq": "self_attn.q_proj.weight",
+    "wk": "self_attn.k_proj.weight",
+    "wv": "self_attn.v_proj.weight",
+    "wo": "self_attn.o_proj.weight",
+    "w_gate": "mlp.gate_proj.weight",
+    "w_up": "mlp.up_proj.weight",
+    "w_down": "mlp.down_proj.weight",
+}
+NORMS = {"attn_norm": "input_layernorm.weight", "ffn_norm": "post_attention_layernorm.weight"}
+BIASES = {"bq": "self_attn.q_proj.bias", "bk": "self_attn.k_proj.bias", "bv": "self_attn.v_proj.bias",
+          "bo": "self_attn.o_proj.bias"}
+
+
 def layer_weights(
     tensors: Mapping[str, Tensor], layer: int, device, dtype, args: ModelArgs | None = None
 ) -> LayerWeights:
     """Biases are read when present; with `args` they are required exactly where args says."""
     p = f"model.layers.{layer}."
 
-    def get(name: str) -> Tensor:
-        return take(tensors, p + name, device, dtype)
-
-    def bias(name: str, wanted: bool | None) -> Tensor | None:
+    def bias(field: str) -> Tensor | None:
+        wanted = None if args is None else (args.o_bias if field == "bo" else args.qkv_bias)
         if wanted is None:
-            wanted = p + name in tensors
-        return get(name) if wanted else None
+            wanted = p + BIASES[field] in tensors
+        return take(tensors, p + BIASES[field], device, dtype) if wanted else None
 
-    qkv = None if args is None else args.qkv_bias
-    return LayerWeights(
-        attn_norm=get("input_layernorm.weight"),
-        wq=get("self_attn.q_proj.weight"),
-        wk=get("self_attn.k_proj.weight"),
-        wv=get("self_attn.v_proj.weight"),
-        wo=get("self_attn.o_proj.weight"),
-        bq=bias("self_attn.q_proj.bias", qkv),
-        bk=bias("self_attn.k_proj.bias", qkv),
-        bv=bias("self_attn.v_proj.bias", qkv),
-        ffn_norm=get("post_attention_layernorm.weight"),
-        w_gate=get("mlp.gate_proj.weight"),
-        w_up=get("mlp.up_proj.weight"),
-        w_down=get("mlp.down_proj.weight"),
-        bo=bias("self_attn.o_proj.bias", None if args is None else args.o_bias),
-    )
+    whole = {field: take(tensors, p + name, device, dtype) for field, name in (LINEARS | NORMS).items()}
+    return LayerWeights(**whole, **{field: bias(field) for field in BIASES})
+
+
+def delta_layer_weights(tensors: Mapping[str, Tensor], layer: int, device, dtype) -> DeltaLayer:
+    """A delta pack's layer: factored linears (`<name>.lora_A`/`.lora_B`), whole norms and biases."""
+    p = f"model.layers.{layer}."
+    whole = [p + name for name in LINEARS.values() if p + name in tensors]
+    if whole:
+        raise ModserveError(f"delta pack: {whole[0]!r} is stored whole, not as low-rank factors")
+    deltas = {
+        field: LowRank(a=take(tensors, f"{p}{name}.lora_A", device, dtype), b=take(tensors, f"{p}{name}.lora_B", device, dtype))
+        for field, name in LINEARS.items()
+        if f"{p}{name}.lora_A" in tensors
+    }
+    norms = {field: take(tensors, p + name, device, dtype) for field, name in NORMS.items()}
+    biases = {field: take(tensors, p + name, device, dtype) for field, name in BIASES.items() if p + name in tensors}
+    return DeltaLayer(**norms, deltas=deltas, biases=biases)
 
 
 def outer_weights(tensors: Mapping[str, Tensor], args: ModelArgs, device, dtype) -> OuterWeights:

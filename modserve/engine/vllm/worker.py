@@ -22,6 +22,7 @@ import torch
 from modserve.checkpoint import Checkpoint, layer_index
 from modserve.errors import ModserveError
 from modserve.languages import RESIDENT
+from modserve.packs.delta import exact_tensors
 from modserve.packs.format import ResidentHashes, load_verified_pack
 
 EXTENSION = f"{__name__}.PackSwapExtension"
@@ -59,7 +60,8 @@ class PackStore:
     def load(self, language: str, path: Path) -> int:
         """Read, verify (sha256 of every tensor, fingerprint of the resident) and keep one pack;
         returns its size in bytes. Raises ModserveError for a pack that must not serve."""
-        _, tensors = load_verified_pack(path, self._hashes, language)
+        manifest, stored = load_verified_pack(path, self._hashes, language)
+        tensors = exact_tensors(manifest, stored, self._resident)  # a delta pack, materialised
         self._packs[language] = {name: self._host(tensor) for name, tensor in tensors.items()}
         for unit in self.units(language):
             for name in self._names[unit]:
