@@ -259,12 +259,15 @@ def bench(
     concurrency: Annotated[int, typer.Option(help="closed-loop concurrency, also the batch size")] = 16,
     requests: Annotated[int, typer.Option(help="requests per scenario")] = 96,
     output_len: Annotated[int, typer.Option(help="tokens generated per request")] = 32,
-    model: Annotated[str, typer.Option(help="synthetic model: tiny or small")] = "small",
+    model: Annotated[str, typer.Option(help="synthetic model: tiny, small or medium (181M)")] = "small",
     resident: Annotated[Path | None, typer.Option(help="a real resident checkpoint instead")] = None,
     pack: Annotated[list[str] | None, typer.Option(help="LANG=PATH pack for --resident (repeatable)")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda")] = "auto",
     dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16, float16")] = "auto",
     backend: Annotated[str, typer.Option(help="backends to compare, e.g. native,vllm")] = "native,vllm",
+    delta_rank: Annotated[int | None, typer.Option(
+        help="rank of the delta packs and LoRA adapters (default: the largest keeping resident + 4 packs ≤ 0.3 of 4 models)",
+    )] = None,
 ) -> None:
     """Throughput, latency and memory as languages grow, against the baselines."""
     from modserve.bench.report import markdown, write
@@ -280,7 +283,7 @@ def bench(
         out=out, quick=quick, mgsm=mgsm, language_counts=counts, mix=mix, rate=rate,
         concurrency=concurrency, num_requests=requests, output_len=output_len, model=model,
         resident=resident, packs=parse_experts(pack, "--pack"), device=device, dtype=dtype,
-        backends=tuple(b.strip() for b in backend.split(",") if b.strip()),
+        backends=tuple(b.strip() for b in backend.split(",") if b.strip()), delta_rank=delta_rank,
     )
     report = run_suite(options)
     if out is not None:

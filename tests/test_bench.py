@@ -4,11 +4,117 @@ from __future__ import annotations
 
 import json
 
+import pytest
+import torch
 from matplotlib.image import imread
+from safetensors.torch import load_file
 
+from modserve.bench.models import (
+    PLANS,
+    SPECS,
+    default_delta_rank,
+    pack_parameters,
+    parameter_shapes,
+)
 from modserve.bench.report import markdown, write
-from modserve.bench.suite import BenchOptions, run_suite
+from modserve.bench.run import ScenarioResult
+from modserve.bench.suite import BenchOptions, ratios, run_suite
 from modserve.bench.workloads import Workload, load_prompts, make_requests
+from modserve.checkpoint import layer_index
+from modserve.demo.finetune import Recipe, layer_sets, train_family
+from modserve.demo.synthetic import TinySpec
+from modserve.packs.lowrank import RankChoice, factorize
+
+QUICK_RECIPE = Recipe(base_steps=24, expert_steps=8, batch_size=4, score_questions=2)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    return train_family(tmp_path_factory.mktemp("trained"), TinySpec(), ("sw", "te"), QUICK_RECIPE)
+
+
+def weights(path):
+    return load_file(path / "model.safetensors")
+
+
+def test_finetuned_experts_change_their_layers_with_a_real_fine_tunes_spectrum(trained):
+    """Language experts moved only the outer layers, the math expert only the middle ones, and
+    each Δ is full-rank with a decaying spectrum: neither planted low rank nor random jitter."""
+    spec = TinySpec()
+    outer, middle = layer_sets(spec)
+    base, math, sw = (weights(p) for p in (trained.family.base, trained.family.math, trained.family.languages["sw"]))
+    for name, tensor in base.items():
+        layer = layer_index(name)
+        assert torch.equal(sw[name], tensor) == (layer not in outer), name
+        assert torch.equal(math[name], tensor) == (layer not in middle), name
+    for name in [n for n in base if layer_index(n) in outer and base[n].dim() == 2]:
+        delta = sw[name] - base[name]
+        assert 1e-3 < float(delta.norm() / base[name].norm()) < 0.1, name  # a fine-tune's few percent
+        kept = factorize(delta, RankChoice(rank=8)).energy
+        jitter = factorize(torch.randn_like(delta), RankChoice(rank=8)).energy
+        singular = torch.linalg.svdvals(delta)
+        assert jitter + 0.2 < kept < 0.999, name
+        assert int((singular > 1e-2 * singular[0]).sum()) > 8, name  # no planted rank: more moved than 8 directions
+
+
+def test_finetune_is_deterministic_and_the_trained_models_predict_text(trained, tmp_path):
+    again = train_family(tmp_path, TinySpec(), ("sw", "te"), QUICK_RECIPE)
+    for name in ("base", "math"):
+        first = (getattr(trained.family, name) / "model.safetensors").read_bytes()
+        assert first == (getattr(again.family, name) / "model.safetensors").read_bytes()
+    assert weights(trained.family.languages["te"]).keys() == weights(again.family.languages["te"]).keys()
+    assert (trained.family.languages["te"] / "model.safetensors").read_bytes() == (
+        again.family.languages["te"] / "model.safetensors"
+    ).read_bytes()
+    # Held-out MGSM text, teacher-forced: far above uniform chance (1/256) and above always
+    # guessing the text's most frequent byte.
+    for model in ("base", "sw", "te"):
+        assert trained.held_out_top1[model] > max(50 / 256, 1.5 * trained.chance_top1[model]), model
+    assert trained.held_out_top1 == again.held_out_top1
+
+
+def test_medium_model_is_the_issues_181m_llama_and_its_delta_rank_fits_the_budget():
+    spec, plan = SPECS["medium"], PLANS["medium"]
+    shapes = parameter_shapes(spec)
+    total = sum(s.numel() for s in shapes.values())
+    assert total == 180_929_536 and total >= 150e6
+    assert (spec.num_layers, spec.hidden_size, spec.num_heads, spec.num_kv_heads, spec.intermediate_size) == (
+        16, 1024, 16, 4, 2816)
+    assert spec.dtype == "float32"
+    assert plan.swapped_layers(spec.num_layers) == [0, 1, 2, 14, 15]
+    rank = default_delta_rank(shapes, plan, spec.num_layers)
+    fits = [(total + 4 * pack_parameters(shapes, plan, spec.num_layers, r)) / (4 * total) for r in (rank, rank + 8)]
+    assert rank == 96 and fits[0] <= 0.3 < fits[1]
+    exact = pack_parameters(shapes, plan, spec.num_layers, None)
+    assert exact == 5 * (11_274_240)  # five whole layers
+
+
+def row(scenario, backend, languages, tokens_per_s, weight_bytes=1, ttft_p99_ms=1.0):
+    return ScenarioResult(scenario, backend, languages, "uniform", tokens_per_s, 1.0, 1.0, ttft_p99_ms, 1.0, 1.0,
+                          0, 0, 10, weight_bytes)
+
+
+def test_ratios_compare_delta_and_lora_rows_with_their_ceilings_and_read_fidelity_from_manifests():
+    results = [
+        row("ceiling", "native", 1, 500.0, 100), row("mixed", "native", 4, 250.0, 260),
+        row("delta_mixed", "native", 4, 400.0, 120), row("one_model_per_language", "native", 4, 300.0, 400),
+        row("swap_per_request", "native", 4, 100.0, 100),
+        row("ceiling", "vllm", 1, 800.0, ttft_p99_ms=200.0), row("mixed", "vllm", 4, 600.0, ttft_p99_ms=900.0),
+        row("lora_mixed", "vllm", 4, 200.0, ttft_p99_ms=300.0),
+    ]
+    fidelity = {"sw": {"measured": True, "tokens": 300, "top1_agreement": 0.9, "kl_mean": 0.01},
+                "te": {"measured": True, "tokens": 100, "top1_agreement": 0.5, "kl_mean": 0.05},
+                "bn": {"measured": False}}
+    model = {"swapped_layers": [0, 1, 2, 14, 15], "num_layers": 16, "delta": {"rank": 96, "fidelity": fidelity}}
+    out = ratios(results, {"py3langid": {"p50_us": 50.0, "p99_us": 90.0}}, model)
+    assert out["native_mixed4_vs_ceiling"] == 0.5 and out["native_delta_mixed4_vs_ceiling"] == 0.8
+    assert out["memory_4packs_vs_4models"] == 0.65 and out["memory_4deltapacks_vs_4models"] == 0.3
+    assert out["vllm_mixed4_vs_ceiling"] == 0.75 and out["vllm_lora_mixed4_vs_ceiling"] == 0.25
+    assert out["vllm_mixed4_ttft_p99_vs_ceiling"] == 4.5 and out["vllm_lora_mixed4_ttft_p99_vs_ceiling"] == 1.5
+    assert out["delta_top1_agreement"] == pytest.approx(0.8) and out["delta_kl_mean"] == pytest.approx(0.02)
+    assert out["native_mixed4_vs_swap_per_request4"] == 2.5
+    without = ratios(results[:5], {}, {**model, "delta": {"rank": 96, "fidelity": {}}})
+    assert "delta_top1_agreement" not in without and "vllm_mixed4_ttft_p99_vs_ceiling" not in without
 
 
 def test_workloads_are_seeded_and_follow_the_mix(mgsm_dir):
@@ -31,20 +137,26 @@ def test_bench_runs_every_scenario_and_writes_json_table_and_plot(tmp_path):
                            language_counts=(1, 4), backends=("native",), workdir=tmp_path)
     report = run_suite(options)
     scenarios = {(s["scenario"], s["languages"]) for s in report["scenarios"]}
-    assert scenarios == {("ceiling", 1), ("mixed", 1), ("mixed", 4), ("swap_per_request", 1),
-                         ("swap_per_request", 4), ("one_model_per_language", 1), ("one_model_per_language", 4)}
+    assert scenarios == {("ceiling", 1), ("mixed", 1), ("mixed", 4), ("delta_mixed", 1), ("delta_mixed", 4),
+                         ("swap_per_request", 1), ("swap_per_request", 4), ("one_model_per_language", 1),
+                         ("one_model_per_language", 4)}
     for s in report["scenarios"]:
         assert s["tokens_per_s"] > 0 and s["weight_bytes"] > 0 and s["ttft_p50_ms"] > 0
-    ratios = report["ratios"]
-    assert {"native_mixed4_vs_ceiling", "memory_4packs_vs_4models", "native_mixed4_vs_swap_per_request4"} <= set(ratios)
-    assert ratios["memory_4packs_vs_4models"] < 1.0  # four packs cost less than four models
-    assert set(ratios["router"]) == {"py3langid", "langdetect"}
+    figures = report["ratios"]
+    assert {"native_mixed4_vs_ceiling", "memory_4packs_vs_4models", "native_mixed4_vs_swap_per_request4",
+            "native_delta_mixed4_vs_ceiling", "memory_4deltapacks_vs_4models", "delta_top1_agreement"} <= set(figures)
+    assert figures["memory_4packs_vs_4models"] < 1.0  # four packs cost less than four models
+    assert figures["memory_4deltapacks_vs_4models"] < figures["memory_4packs_vs_4models"]
+    assert 0.0 < figures["delta_top1_agreement"] <= 1.0
+    model = report["model"]
+    assert model["delta"]["rank"] == 16 and model["held_out_top1"]["base"] > 2 * model["majority_byte_top1"]["base"]
+    assert set(figures["router"]) == {"py3langid", "langdetect"}
     swap4 = next(s for s in report["scenarios"] if (s["scenario"], s["languages"]) == ("swap_per_request", 4))
     mixed4 = next(s for s in report["scenarios"] if (s["scenario"], s["languages"]) == ("mixed", 4))
     assert swap4["pack_loads"] > mixed4["pack_loads"] == 4  # the baseline reloads; modserve loads each pack once
     assert report["api"]["http_p50_ms"] > 0
     files = write(report, tmp_path / "out")
-    assert json.loads(files[0].read_text())["ratios"] == json.loads(json.dumps(ratios))
-    assert "| mixed | native | 4 |" in markdown(report)
+    assert json.loads(files[0].read_text())["ratios"] == json.loads(json.dumps(figures))
+    assert "| mixed | native | 4 |" in markdown(report) and "| delta_mixed | native | 4 |" in markdown(report)
     assert imread(files[2]).shape[1] > 800
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith("modserve-bench-")] == []

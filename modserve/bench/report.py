@@ -9,7 +9,9 @@ from modserve.files import write_atomic, write_text_atomic
 
 LINES = {
     ("mixed", "native"): ("modserve mixed (native)", "-o"),
+    ("delta_mixed", "native"): ("modserve delta packs (native)", "-.o"),
     ("mixed", "vllm"): ("modserve mixed (vLLM)", "-s"),
+    ("lora_mixed", "vllm"): ("modserve LoRA adapters (vLLM)", "-.s"),
     ("swap_per_request", "native"): ("swap per request", "--^"),
     ("one_model_per_language", "native"): ("one model per language", ":D"),
 }
@@ -59,7 +61,7 @@ def plot(report: dict, file: Path) -> None:
         if s["scenario"] == "ceiling":
             speed.axhline(s["tokens_per_s"], color="grey", linestyle="--", linewidth=1, label=f"ceiling ({s['backend']})")
     speed.set(title="Output throughput", xlabel="languages in the traffic", ylabel="tokens / s")
-    memory.set(title="Weights held (resident + packs, or N models)", xlabel="languages in the traffic", ylabel="MiB")
+    memory.set(title="Weights held (resident + packs or adapters, or N models)", xlabel="languages in the traffic", ylabel="MiB")
     for axis in (speed, memory):
         axis.set_xscale("log", base=2)
         axis.set_xticks([1, 2, 4, 8], labels=["1", "2", "4", "8"])

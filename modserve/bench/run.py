@@ -2,6 +2,8 @@
 
 - ceiling: one merged checkpoint, single-language traffic — the best case;
 - mixed: the resident plus N packs, mixed-language traffic (native; vLLM when installed);
+- delta_mixed: the same with delta packs (native: resident weights plus B·(A·x) per language);
+- lora_mixed: vLLM with the packs as LoRA adapters (`engine.pack_mode: lora`), one batch;
 - swap_per_request: the naive baseline — one pack slot, nothing kept in host memory, one
   language at a time: every change of language reloads the swapped layers from disk;
 - one_model_per_language: N merged checkpoints side by side, each on its own engine.
@@ -13,7 +15,6 @@ import asyncio
 import contextlib
 import ctypes
 import gc
-import statistics
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -146,6 +147,8 @@ class Setup:
     resident: Path
     packs: dict[str, Path]
     merged: dict[str, Path]  # language -> merged checkpoint (for ceiling and one-model-per-language)
+    delta_packs: dict[str, Path] = field(default_factory=dict)  # language -> delta pack (synthetic models)
+    lora_rank: int | None = None  # pack_mode lora: the adapters' rank
     device: str = "auto"
     dtype: str = "auto"
     max_batch_size: int = 16
@@ -287,9 +290,11 @@ async def ceiling(setup: Setup, workload: Workload, prompts, backend: str = "nat
     return result
 
 
-async def mixed(setup: Setup, workload: Workload, prompts) -> ScenarioResult:
-    """Native: a fresh engine holding exactly the workload's packs, so its memory is measured."""
-    packs = {lang: setup.packs[lang] for lang in workload.languages}
+async def mixed(setup: Setup, workload: Workload, prompts, kind: str = "exact") -> ScenarioResult:
+    """Native: a fresh engine holding exactly the workload's packs (exact or delta), so its
+    memory is measured."""
+    source = setup.delta_packs if kind == "delta" else setup.packs
+    packs = {lang: source[lang] for lang in workload.languages}
     observer = Counting()
     with MemoryPeak(torch.device(resolve(setup.device))) as memory:
         engine = await start(setup.config(setup.resident, packs), observer)
@@ -299,14 +304,18 @@ async def mixed(setup: Setup, workload: Workload, prompts) -> ScenarioResult:
             weights = engine_bytes(engine)
         finally:
             await engine.shutdown()
-    return summarize("mixed", "native", workload, timings, seconds, observer, memory, weights)
+    scenario = "delta_mixed" if kind == "delta" else "mixed"
+    return summarize(scenario, "native", workload, timings, seconds, observer, memory, weights)
 
 
-async def mixed_vllm(setup: Setup, workloads: list[Workload], prompts) -> list[ScenarioResult]:
+async def mixed_vllm(setup: Setup, workloads: list[Workload], prompts, pack_mode: str = "exact") -> list[ScenarioResult]:
     """vLLM: one engine with every pack serves each workload in turn — its start-up is slow, and
-    its memory lives in vLLM's own process (reported as weights, not as this process's peak)."""
+    its memory lives in vLLM's own process (reported as weights, not as this process's peak).
+    `pack_mode: lora` serves the packs as LoRA adapters of rank `setup.lora_rank`."""
     observer = Counting()
-    engine = await start(setup.config(setup.resident, setup.packs, "vllm"), observer)
+    lora = {"pack_mode": "lora", "lora_rank": setup.lora_rank} if pack_mode == "lora" else {}
+    engine = await start(setup.config(setup.resident, setup.packs, "vllm", **lora), observer)
+    scenario = "lora_mixed" if lora else "mixed"
     results = []
     try:
         stats = engine.stats()
@@ -317,7 +326,7 @@ async def mixed_vllm(setup: Setup, workloads: list[Workload], prompts) -> list[S
             timings, seconds = await drive({"e": engine}, make_requests(workload, prompts), workload, lambda lang: ("e", lang))
             weights = stats.resident_bytes + int(pack_bytes * len(workload.languages))
             no_memory = MemoryPeak(torch.device("cpu"))
-            results.append(summarize("mixed", "vllm", workload, timings, seconds, observer, no_memory, weights))
+            results.append(summarize(scenario, "vllm", workload, timings, seconds, observer, no_memory, weights))
     finally:
         await engine.shutdown()
     return results
@@ -362,71 +371,3 @@ def resolve(device: str) -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     return device
-
-
-# --- router and API overhead -------------------------------------------------------------
-
-
-def router_latency(texts: list[str], detectors: tuple[str, ...] = ("py3langid", "langdetect")) -> dict:
-    """Per-call latency of each detector backend over the prompts (cleaning included)."""
-    from modserve.router import Router
-
-    out = {}
-    for name in detectors:
-        router = Router(["sw"], detector=name)
-        router.route_prompt(texts[0])
-        seconds = [router.route_prompt(t).seconds for t in texts for _ in range(max(1, 200 // len(texts)))]
-        out[name] = {"p50_us": 1e6 * statistics.median(seconds), "p99_us": 1e6 * percentile(seconds, 0.99), "calls": len(seconds)}
-    return out
-
-
-async def api_overhead(setup: Setup, question: str, repeats: int = 30) -> dict:
-    """p50 latency of the same short request through the HTTP server and directly on the engine."""
-    import httpx
-
-    from modserve.server.app import create_app
-    from modserve.server.main import build_router
-
-    config = setup.config(setup.resident, setup.packs)
-    engine = create_engine(config)
-    app = create_app(config, engine, build_router(config))
-    body = {"model": "modserve:" + next(iter(setup.packs)), "messages": [{"role": "user", "content": question}],
-            "max_tokens": 4, "temperature": 0, "ignore_eos": True}
-    async with app.router.lifespan_context(app):
-        while not engine.ready:
-            await asyncio.sleep(0.01)
-        transport = httpx.AsyncHTTPTransport()
-        server, port = await serve_in_background(app)
-        try:
-            async with httpx.AsyncClient(transport=transport, base_url=f"http://127.0.0.1:{port}") as http:
-                http_times, direct_times = [], []
-                language = body["model"].split(":")[1]
-                prompt = chat_ids(engine, question)
-                for k in range(repeats + 3):
-                    t = time.perf_counter()
-                    response = await http.post("/v1/chat/completions", json=body)
-                    response.raise_for_status()
-                    http_times.append(time.perf_counter() - t)
-                    direct_times.append((await timed(engine, f"api-{k}", prompt, language, 4)).latency)
-        finally:
-            server.should_exit = True
-            with contextlib.suppress(asyncio.CancelledError):
-                await server.task
-    http_p50, direct_p50 = statistics.median(http_times[3:]), statistics.median(direct_times[3:])
-    return {"http_p50_ms": 1e3 * http_p50, "direct_p50_ms": 1e3 * direct_p50, "overhead_p50_ms": 1e3 * (http_p50 - direct_p50)}
-
-
-async def serve_in_background(app):
-    """uvicorn on a free loopback port inside this event loop (lifespan already running)."""
-    import socket
-
-    import uvicorn
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error", lifespan="off"))
-    server.task = asyncio.create_task(server.serve())
-    while not server.started:
-        await asyncio.sleep(0.01)
-    return server, port

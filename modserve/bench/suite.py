@@ -15,21 +15,11 @@ from rich.console import Console
 
 from modserve import __version__
 from modserve.bench import run
+from modserve.bench.models import SPECS, prepare
+from modserve.bench.overhead import api_overhead, router_latency
 from modserve.bench.workloads import BENCH_LANGUAGES, Workload, load_prompts
-from modserve.demo.synthetic import TinySpec, build_family
+from modserve.config import EngineSection
 from modserve.errors import ModserveError
-from modserve.packs.build import BuildJob, build_packs
-from modserve.packs.format import read_manifest
-from modserve.packs.merge import merge_pack
-from modserve.packs.plan import Plan
-
-# Synthetic models: the paper's proportions (5 bottom, 2 top, 1 transition of 32 layers).
-SPECS = {
-    "tiny": TinySpec(num_layers=12, hidden_size=256, num_heads=4, num_kv_heads=2, intermediate_size=704, seed=11),
-    "small": TinySpec(num_layers=16, hidden_size=512, num_heads=8, num_kv_heads=4, intermediate_size=1408,
-                      dtype="bfloat16", seed=11),
-}
-PLANS = {"tiny": Plan(bottom=2, top=1, transition=1), "small": Plan(bottom=3, top=1, transition=1)}
 
 
 @dataclass
@@ -51,6 +41,7 @@ class BenchOptions:
     backends: tuple[str, ...] = ("native", "vllm")
     vllm_args: dict = field(default_factory=dict)
     workdir: Path | None = None
+    delta_rank: int | None = None  # None: the largest keeping resident + 4 delta packs ≤ 0.3 of 4 models
 
     def __post_init__(self):
         if self.quick:  # under 3 minutes on 2 CPU cores, vLLM included
@@ -63,33 +54,6 @@ class BenchOptions:
             raise ModserveError(f"--model: {self.model!r} is not one of {', '.join(SPECS)}")
 
 
-def prepare(options: BenchOptions, workdir: Path) -> tuple[run.Setup, dict]:
-    """Resident, packs and one merged checkpoint per language (the ceiling and the N-models baseline)."""
-    if options.resident is not None:
-        resident, packs = options.resident, dict(options.packs)
-        if not packs:
-            raise ModserveError("--pack: give at least one LANG=PATH with --resident")
-        model = {"resident": str(resident), "languages": sorted(packs)}
-    else:
-        spec, plan = SPECS[options.model], PLANS[options.model]
-        languages = BENCH_LANGUAGES[: max(options.language_counts)]
-        family = build_family(workdir / "experts", spec, languages)
-        jobs = [BuildJob(lang, path, plan) for lang, path in family.languages.items()]
-        packs = {p.name.removesuffix(".pack"): p for p in build_packs(family.math, jobs, workdir / "packs", progress=False)}
-        resident = family.math
-        model = {"synthetic": options.model, "spec": spec.__dict__, "plan": plan.to_dict()}
-    merged = {lang: merge_pack(resident, pack, workdir / "merged" / lang, progress=False) for lang, pack in packs.items()}
-    manifest = read_manifest(next(iter(packs.values())))
-    model["swapped_layers"] = manifest.layers
-    model["num_layers"] = manifest.num_layers
-    setup = run.Setup(
-        resident=Path(resident), packs=packs, merged=merged, device=options.device, dtype=options.dtype,
-        max_batch_size=options.concurrency, vllm_args=options.vllm_args,
-        max_model_len=1024 if options.mgsm else 512,
-    )
-    return setup, model
-
-
 def available_backends(options: BenchOptions) -> list[str]:
     return [b for b in options.backends if b != "vllm" or importlib.util.find_spec("vllm") is not None]
 
@@ -99,10 +63,11 @@ def run_suite(options: BenchOptions, console: Console | None = None) -> dict:
     with tempfile.TemporaryDirectory(prefix="modserve-bench-", dir=options.workdir) as scratch:
         started = time.perf_counter()
         console.log("preparing models, packs and merged checkpoints")
-        setup, model = prepare(options, Path(scratch))
+        wanted = BENCH_LANGUAGES[: max(options.language_counts)] if options.resident is None else sorted(options.packs)
+        prompts = load_prompts(options.mgsm, tuple(wanted))
+        setup, model = prepare(options, Path(scratch), prompts)
         languages = tuple(lang for lang in BENCH_LANGUAGES if lang in setup.packs) or tuple(sorted(setup.packs))
         counts = [n for n in options.language_counts if n <= len(languages)]
-        prompts = load_prompts(options.mgsm, languages)
         results: list[run.ScenarioResult] = []
 
         def workload(n: int) -> Workload:
@@ -117,10 +82,16 @@ def run_suite(options: BenchOptions, console: Console | None = None) -> dict:
             for n in counts:
                 console.log(f"native: mixed, {n} language(s)")
                 results.append(await run.mixed(setup, workload(n), prompts))
+            for n in counts if setup.delta_packs else []:
+                console.log(f"native: delta mixed, {n} language(s), rank {model['delta']['rank']}")
+                results.append(await run.mixed(setup, workload(n), prompts, kind="delta"))
             if "vllm" in available_backends(options):
                 console.log("vllm: ceiling, then mixed over every language count on one engine")
                 results.append(await run.ceiling(setup, workload(1), prompts, "vllm"))
                 results.extend(await run.mixed_vllm(setup, [workload(n) for n in counts], prompts))
+                if "pack_mode" in EngineSection.model_fields:  # LoRA serving: on main once the vLLM work lands
+                    console.log(f"vllm: packs as LoRA adapters (rank {setup.lora_rank}), every language count")
+                    results.extend(await run.mixed_vllm(setup, [workload(n) for n in counts], prompts, "lora"))
             for n in counts:
                 console.log(f"native: swap per request, {n} language(s)")
                 results.append(await run.swap_per_request(setup, workload(n), prompts))
@@ -130,8 +101,8 @@ def run_suite(options: BenchOptions, console: Console | None = None) -> dict:
         asyncio.run(everything())
         console.log("router latency and API overhead")
         texts = [q for lang in languages for q in prompts[lang]]
-        router = run.router_latency(texts)
-        api = asyncio.run(run.api_overhead(setup, prompts[languages[0]][0]))
+        router = router_latency(texts)
+        api = asyncio.run(api_overhead(setup, prompts[languages[0]][0]))
         report = {
             "modserve_version": __version__,
             "machine": machine(),
@@ -160,22 +131,49 @@ def find(results: list[run.ScenarioResult], scenario: str, backend: str, languag
 def ratios(results: list[run.ScenarioResult], router: dict, model: dict) -> dict:
     """The figures to compare across runs, each measured within this one run."""
     out: dict = {}
-    for backend in ("native", "vllm"):
-        ceiling, mixed4 = find(results, "ceiling", backend, 1), find(results, "mixed", backend, 4)
-        if ceiling and mixed4:
-            out[f"{backend}_mixed4_vs_ceiling"] = mixed4.tokens_per_s / ceiling.tokens_per_s
-    mixed4 = find(results, "mixed", "native", 4)
+    native_ceiling, vllm_ceiling = find(results, "ceiling", "native", 1), find(results, "ceiling", "vllm", 1)
+    for name, row, ceiling in [
+        ("native_mixed4_vs_ceiling", find(results, "mixed", "native", 4), native_ceiling),
+        ("native_delta_mixed4_vs_ceiling", find(results, "delta_mixed", "native", 4), native_ceiling),
+        ("vllm_mixed4_vs_ceiling", find(results, "mixed", "vllm", 4), vllm_ceiling),
+        ("vllm_lora_mixed4_vs_ceiling", find(results, "lora_mixed", "vllm", 4), vllm_ceiling),
+    ]:
+        if row and ceiling:
+            out[name] = row.tokens_per_s / ceiling.tokens_per_s
+    for name, row in [
+        ("vllm_mixed4_ttft_p99_vs_ceiling", find(results, "mixed", "vllm", 4)),
+        ("vllm_lora_mixed4_ttft_p99_vs_ceiling", find(results, "lora_mixed", "vllm", 4)),
+    ]:
+        if row and vllm_ceiling:
+            out[name] = row.ttft_p99_ms / vllm_ceiling.ttft_p99_ms
+    mixed4, delta4 = find(results, "mixed", "native", 4), find(results, "delta_mixed", "native", 4)
     models4, swap4 = find(results, "one_model_per_language", "native", 4), find(results, "swap_per_request", "native", 4)
     if mixed4 and models4:
         out["memory_4packs_vs_4models"] = mixed4.weight_bytes / models4.weight_bytes
         out["peak_memory_4packs_vs_4models"] = mixed4.peak_memory_bytes / max(1, models4.peak_memory_bytes)
+    if delta4 and models4:
+        out["memory_4deltapacks_vs_4models"] = delta4.weight_bytes / models4.weight_bytes
     if mixed4 and swap4:
         out["native_mixed4_vs_swap_per_request4"] = mixed4.tokens_per_s / swap4.tokens_per_s
     swapped, layers = len(model["swapped_layers"]), model["num_layers"]
     # Memory-bound decode reads each present language's swapped layers once per step.
     out["weight_read_bound_mixed4"] = layers / (layers - swapped + 4 * swapped)
+    out.update(delta_fidelity(model.get("delta", {}).get("fidelity", {})))
     out["router"] = {name: {"p50_us": r["p50_us"], "p99_us": r["p99_us"]} for name, r in router.items()}
     return out
+
+
+def delta_fidelity(per_language: dict[str, dict]) -> dict:
+    """Token-weighted teacher-forced top-1 agreement and KL of the delta packs against their
+    exact packs, as their manifests recorded them at build time."""
+    measured = [f for f in per_language.values() if f and f.get("measured")]
+    tokens = sum(f["tokens"] for f in measured)
+    if not tokens:
+        return {}
+    return {
+        "delta_top1_agreement": sum(f["top1_agreement"] * f["tokens"] for f in measured) / tokens,
+        "delta_kl_mean": sum(f["kl_mean"] * f["tokens"] for f in measured) / tokens,
+    }
 
 
 def machine() -> dict:

@@ -1,0 +1,138 @@
+"""The bench's models: a trained synthetic family (or real checkpoints), its exact and delta
+packs, and one merged checkpoint per language (the ceiling and the N-models baseline)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from modserve.bench import run
+from modserve.bench.workloads import BENCH_LANGUAGES
+from modserve.checkpoint import Checkpoint
+from modserve.demo.finetune import Recipe, train_family
+from modserve.demo.synthetic import TinySpec, hf_config
+from modserve.errors import ModserveError
+from modserve.packs.build import BuildJob, build_packs
+from modserve.packs.delta import is_factored
+from modserve.packs.format import read_manifest
+from modserve.packs.lowrank import RankChoice
+from modserve.packs.merge import merge_pack
+from modserve.packs.plan import FROM_RESIDENT, Plan
+
+# Synthetic models: the paper's proportions (5 bottom, 2 top, 1 transition of 32 layers).
+# planted_bottom/planted_top: the layers the language experts train, the layers each plan
+# takes (transitions included); the math expert trains the rest.
+SPECS = {
+    "tiny": TinySpec(num_layers=12, hidden_size=256, num_heads=4, num_kv_heads=2, intermediate_size=704, seed=11),
+    "small": TinySpec(num_layers=16, hidden_size=512, num_heads=8, num_kv_heads=4, intermediate_size=1408,
+                      dtype="bfloat16", planted_bottom=4, seed=11),
+    # The issue's 181M Llama: packs are layers 0-2 and 14-15 (2 + 1 blended, 1 blended + 1).
+    "medium": TinySpec(num_layers=16, hidden_size=1024, num_heads=16, num_kv_heads=4, intermediate_size=2816,
+                       seed=11),
+}
+PLANS = {
+    "tiny": Plan(bottom=2, top=1, transition=1),
+    "small": Plan(bottom=3, top=1, transition=1),
+    "medium": Plan(bottom=2, top=1, transition=1),
+}
+# Build time on 2 CPU cores is the limit: tiny trains its base, medium keeps the seeded init as
+# its base (a useful 181M base run takes minutes) and gives its experts a few steps on short rows.
+RECIPES = {
+    "tiny": Recipe(base_steps=48, expert_steps=12),
+    "small": Recipe(base_steps=24, expert_steps=6, batch_size=4),
+    "medium": Recipe(base_steps=0, expert_steps=3, batch_size=2, score_questions=0),
+}
+DELTA_MEMORY_BUDGET = 0.3  # resident + 4 delta packs, as a fraction of 4 full models
+FIDELITY_PROMPTS = 4  # per language: what delta packs are measured on against their exact packs
+
+
+def parameter_shapes(spec: TinySpec) -> dict[str, torch.Size]:
+    """Every weight's shape, from the HF config alone (a model on the meta device: no memory)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = hf_config(spec)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(config.pop("model_type"), **config))
+    return {name: p.shape for name, p in model.state_dict().items()}
+
+
+def pack_parameters(shapes: dict[str, torch.Size], plan: Plan, num_layers: int, rank: int | None) -> int:
+    """Numbers a pack holds: replaced tensors whole (rank None), or a delta pack's factors
+    r·(out + in) per swapped matrix (r capped at the matrix's rank) and the rest whole."""
+    total = 0
+    for name, shape in shapes.items():
+        if plan.tensor_source(name, num_layers) == FROM_RESIDENT:
+            continue
+        if rank is not None and is_factored(name, torch.empty(shape, device="meta")):
+            total += min(rank, *shape) * sum(shape)
+        else:
+            total += shape.numel()
+    return total
+
+
+def default_delta_rank(shapes: dict[str, torch.Size], plan: Plan, num_layers: int) -> int:
+    """The largest rank (a multiple of 8 where one fits) at which the resident and 4 delta packs
+    hold at most DELTA_MEMORY_BUDGET of 4 full models' weights."""
+    model = sum(s.numel() for s in shapes.values())
+    room = (DELTA_MEMORY_BUDGET * 4 * model - model) / 4
+    if pack_parameters(shapes, plan, num_layers, 1) > room:
+        raise ModserveError(f"no delta rank keeps 4 packs + the resident under {DELTA_MEMORY_BUDGET} of 4 models")
+    low, high = 1, max(min(s) for s in shapes.values() if len(s) == 2)  # pack size grows with the rank
+    while low < high:
+        middle = (low + high + 1) // 2
+        low, high = (middle, high) if pack_parameters(shapes, plan, num_layers, middle) <= room else (low, middle - 1)
+    return low - low % 8 if low >= 8 else low
+
+
+def checkpoint_shapes(path: Path) -> dict[str, torch.Size]:
+    checkpoint = Checkpoint(path)
+    return {name: torch.Size(checkpoint.shape(name)) for name in checkpoint.names}
+
+
+def prepare(options, workdir: Path, prompts: dict[str, list[str]]) -> tuple[run.Setup, dict]:
+    """Resident, exact packs, delta packs (synthetic models: they need the experts), merged checkpoints."""
+    delta: dict[str, Path] = {}
+    fidelity: dict[str, dict] = {}
+    if options.resident is not None:
+        resident, packs = options.resident, dict(options.packs)
+        if not packs:
+            raise ModserveError("--pack: give at least one LANG=PATH with --resident")
+        model = {"resident": str(resident), "languages": sorted(packs)}
+        manifest = read_manifest(next(iter(packs.values())))
+        rank = options.delta_rank or default_delta_rank(checkpoint_shapes(resident), manifest.plan, manifest.num_layers)
+    else:
+        spec, plan, recipe = SPECS[options.model], PLANS[options.model], RECIPES[options.model]
+        languages = BENCH_LANGUAGES[: max(options.language_counts)]
+        started = time.perf_counter()
+        trained = train_family(workdir / "experts", spec, languages, recipe)
+        trained_seconds = time.perf_counter() - started
+        resident = trained.family.math
+        jobs = [BuildJob(lang, path, plan) for lang, path in trained.family.languages.items()]
+        packs = by_language(build_packs(resident, jobs, workdir / "packs", progress=False))
+        rank = options.delta_rank or default_delta_rank(parameter_shapes(spec), plan, spec.num_layers)
+        delta_jobs = [BuildJob(job.language, job.expert, plan, delta=RankChoice(rank=rank)) for job in jobs]
+        measured_on = {lang: prompts[lang][:FIDELITY_PROMPTS] for lang in languages if lang in prompts}
+        delta = by_language(build_packs(resident, delta_jobs, workdir / "delta-packs", False, measured_on))
+        fidelity = {lang: read_manifest(p).fidelity for lang, p in delta.items()}
+        model = {
+            "synthetic": options.model, "spec": spec.__dict__, "plan": plan.to_dict(), "recipe": recipe.__dict__,
+            "experts_seconds": trained_seconds, "held_out_top1": trained.held_out_top1,
+            "majority_byte_top1": trained.chance_top1,
+        }
+    merged = {lang: merge_pack(resident, pack, workdir / "merged" / lang, progress=False) for lang, pack in packs.items()}
+    manifest = read_manifest(next(iter(packs.values())))
+    model["swapped_layers"] = manifest.layers
+    model["num_layers"] = manifest.num_layers
+    model["delta"] = {"rank": rank, "fidelity": fidelity}  # LoRA adapters get the same rank
+    setup = run.Setup(
+        resident=Path(resident), packs=packs, merged=merged, delta_packs=delta, lora_rank=rank,
+        device=options.device, dtype=options.dtype, max_batch_size=options.concurrency,
+        vllm_args=options.vllm_args, max_model_len=1024 if options.mgsm else 512,
+    )
+    return setup, model
+
+
+def by_language(packs: list[Path]) -> dict[str, Path]:
+    return {p.name.removesuffix(".pack"): p for p in packs}
