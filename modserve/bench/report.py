@@ -30,9 +30,18 @@ def markdown(report: dict) -> str:
         for s in report["scenarios"]
     ]
     ratios = report["ratios"]
-    figures = [f"- {name}: {value:.3f}" for name, value in ratios.items() if isinstance(value, float)]
+    figures = [f"- {name}: {value:.4g}" for name, value in ratios.items() if isinstance(value, float)]
     for name, figure in ratios.get("router", {}).items():
         figures.append(f"- router {name}: p50 {figure['p50_us']:.0f} µs, p99 {figure['p99_us']:.0f} µs")
+    model = report["model"]
+    if model.get("held_out_top1"):
+        top1, guess = model["held_out_top1"], model["majority_byte_top1"]
+        figures.append(
+            f"- experts trained in {model['experts_seconds']:.0f} s; held-out top-1 / most frequent byte's: "
+            + ", ".join(f"{name} {top1[name]:.2f} / {guess[name]:.2f}" for name in top1)
+        )
+    if model.get("delta"):
+        figures.append(f"- delta packs and LoRA adapters: rank {model['delta']['rank']}")
     api = report["api"]
     figures.append(
         f"- API overhead (server vs direct engine, p50): {api['overhead_p50_ms']:.1f} ms "
