@@ -42,7 +42,7 @@ PLANS = {
 RECIPES = {
     "tiny": Recipe(base_steps=48, expert_steps=12),
     "small": Recipe(base_steps=24, expert_steps=6, batch_size=4),
-    "medium": Recipe(base_steps=0, expert_steps=3, batch_size=2, score_questions=0),
+    "medium": Recipe(base_steps=0, expert_steps=2, batch_size=2, score_questions=0),
 }
 DELTA_MEMORY_BUDGET = 0.3  # resident + 4 delta packs, as a fraction of 4 full models
 FIDELITY_PROMPTS = 4  # per language: what delta packs are measured on against their exact packs

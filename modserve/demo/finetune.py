@@ -106,7 +106,8 @@ class Trainer:
         self, start: dict[str, torch.Tensor], stream: torch.Tensor, trainable, steps: int, lr: float, seed: int
     ) -> dict[str, torch.Tensor]:
         """`steps` AdamW steps of next-token loss on random windows of `stream`, updating only
-        the parameters `trainable(name)` accepts; returns every weight, trained or not."""
+        the parameters `trainable(name)` accepts; returns every weight (the frozen ones are
+        `start`'s own tensors, not copies: a 181M model is copied once per expert, not twice)."""
         recipe = self.recipe
         self.load(start)
         params = []
@@ -128,7 +129,7 @@ class Trainer:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         state = self.model.state_dict()
-        return {name: state[name].detach().clone() for name in start}
+        return {name: state[name].detach().clone() if trainable(name) else start[name] for name in start}
 
     @torch.no_grad()
     def top1_accuracy(self, weights: dict[str, torch.Tensor], texts: list[str]) -> float:
