@@ -50,7 +50,9 @@ class LoraPacks:
     def export(cls, resident: Path, packs: dict[str, Path], rank: int | None) -> LoraPacks:
         """Each pack at `rank`, or at full rank (capped per matrix: exact); a pack that cannot
         be an adapter stops the start, named by its config field."""
-        rank = rank or full_rank(Checkpoint(resident))
+        largest = full_rank(Checkpoint(resident))
+        rank = rank or largest
+        vllm_max_lora_rank(min(rank, largest))  # refused before minutes of SVDs, not after
         root = Path(tempfile.mkdtemp(prefix="modserve-lora-"))
         adapters = {}
         try:
