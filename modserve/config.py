@@ -12,7 +12,15 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ByteSize, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ByteSize,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from modserve.errors import ModserveError
 
@@ -56,6 +64,13 @@ class EngineSection(Section):
     lora_rank: int | None = Field(None, ge=1)
     # vllm backend: extra vLLM engine arguments (tensor_parallel_size, gpu_memory_utilization, ...).
     vllm: dict = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def lora_needs_vllm(self):
+        """The native backend runs packs as they are; a LoRA mode it would ignore is refused."""
+        if self.pack_mode == "lora" and self.backend != "vllm":
+            raise ValueError("pack_mode: lora needs backend: vllm")
+        return self
 
 
 class ServerSection(Section):

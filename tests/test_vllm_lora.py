@@ -89,3 +89,5 @@ def test_max_lora_rank_is_the_smallest_vllm_accepts(tmp_path):
     with pytest.raises(ModserveError, match="engine.lora_rank"):
         load_serve_config(config)
     assert load_serve_config().engine.pack_mode == "exact"
+    with pytest.raises(ModserveError, match="pack_mode: lora needs backend: vllm"):
+        load_serve_config(flags={"engine": {"pack_mode": "lora"}})
