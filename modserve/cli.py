@@ -170,6 +170,22 @@ def merge(
     typer.echo(f"wrote {out}")
 
 
+@app.command("export-lora")
+def export_lora(
+    resident: Annotated[Path, typer.Option(help="the resident (math expert) checkpoint the pack was built for")],
+    pack: Annotated[Path, typer.Option(help="a LANG.pack directory")],
+    rank: Annotated[int, typer.Option(help="LoRA rank (capped at each matrix's own rank)")],
+    out: Annotated[Path, typer.Option(help="directory for adapter_config.json and adapter_model.safetensors")],
+) -> None:
+    """Write a pack as a PEFT LoRA adapter for its resident (norms folded into the linears)."""
+    from modserve.packs.lora import export_lora as export
+
+    adapter = export(resident, pack, rank, out)
+    for cap in adapter.caps:
+        typer.echo(f"rank capped: {cap.module} has rank {cap.full_rank} (asked {cap.asked})")
+    typer.echo(f"wrote {adapter.path} (rank {adapter.rank})")
+
+
 @app.command()
 def demo(
     out: Annotated[Path, typer.Option(help="directory for the demo experts and packs")],

@@ -29,6 +29,7 @@ from modserve.engine.vllm.policy import LanguageGroups
 from modserve.engine.vllm.worker import PackStore
 from modserve.errors import ModserveError
 from modserve.packs.build import BuildJob, build_packs
+from modserve.packs.lowrank import RankChoice
 from modserve.packs.merge import merge_pack
 from modserve.packs.plan import Plan
 from tests.engine_helpers import (
@@ -54,28 +55,34 @@ NEW_TOKENS = 24
 @pytest.fixture(scope="module")
 def extra_packs(demo, tmp_path_factory) -> dict:
     """`fr`: other layers than the demo packs (bottom 1, top 3, no transition) plus embeddings,
-    final norm and lm_head; `th`: a demo-shaped pack with one flipped byte."""
+    final norm and lm_head; `th`: a demo-shaped pack with one flipped byte; `de`: a rank-3
+    delta pack (materialised as its merge on load)."""
     root = tmp_path_factory.mktemp("vllm-packs")
     jobs = [
         BuildJob("fr", demo.expert("te"), Plan(bottom=1, top=3, transition=0, non_layer="language")),
         BuildJob("th", demo.expert("sw"), DEMO_PLAN),
+        BuildJob("de", demo.expert("bn"), DEMO_PLAN, RankChoice(rank=3)),
     ]
-    fr, th = build_packs(demo.resident, jobs, root, progress=False)
+    fr, th, de = build_packs(demo.resident, jobs, root, progress=False)
     blob = bytearray((th / "blocks.safetensors").read_bytes())
     blob[-40] ^= 0x04
     (th / "blocks.safetensors").write_bytes(bytes(blob))
-    return {"fr": fr, "th": th, "fr-merged": merge_pack(demo.resident, fr, root / "fr-merged", progress=False)}
+    return {
+        "fr": fr, "th": th, "de": de,
+        "fr-merged": merge_pack(demo.resident, fr, root / "fr-merged", progress=False),
+        "de-merged": merge_pack(demo.resident, de, root / "de-merged", progress=False),
+    }
 
 
 @pytest.fixture(scope="module")
 def oracle(merged, extra_packs) -> dict:
-    return {**merged, "fr": extra_packs["fr-merged"]}
+    return {**merged, "fr": extra_packs["fr-merged"], "de": extra_packs["de-merged"]}
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def engine(demo, extra_packs):
     """One engine for the module (start-up is the slow part), its engine core in one process."""
-    packs = {**demo.packs, "fr": extra_packs["fr"], "th": extra_packs["th"]}
+    packs = {**demo.packs, **{lang: extra_packs[lang] for lang in ("fr", "th", "de")}}
     with pytest.MonkeyPatch.context() as env:
         env.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         engine = VllmEngine(
@@ -165,6 +172,14 @@ async def test_packs_with_other_layers_restore_the_resident_layers_they_leave(en
     prompt = chat_ids(engine, "layer sets")
     for k, lang in enumerate(["sw", "fr", "resident", "fr", "sw", "resident"]):
         assert await greedy(engine, f"layers-{k}", lang, prompt, NEW_TOKENS) == hf_greedy(oracle[lang], prompt, NEW_TOKENS), lang
+
+
+async def test_a_delta_pack_serves_beside_exact_ones_equal_to_its_merge(engine, oracle):
+    asks = [("de", k) for k in range(2)] + [("sw", 0), ("resident", 0)]
+    prompts = {ask: chat_ids(engine, f"{ask[1]} delta {ask[0]}") for ask in asks}
+    got = await asyncio.gather(*(greedy(engine, f"d-{lang}-{k}", lang, prompts[lang, k], NEW_TOKENS) for lang, k in asks))
+    for (lang, k), tokens in zip(asks, got, strict=True):
+        assert tokens == hf_greedy(oracle[lang], prompts[lang, k], NEW_TOKENS), (lang, k)
 
 
 async def test_requests_arriving_leaving_and_aborting_at_random_all_equal_their_merges(engine, oracle):
@@ -296,7 +311,7 @@ async def test_a_request_aborted_before_its_first_step_still_leaves(engine, time
 
 async def test_corrupted_pack_is_refused_without_touching_the_running_weights(engine, oracle):
     assert engine.observer.failures == ["th"]
-    assert {lang for lang, _ in engine.observer.loads} == {"sw", "te", "bn", "ja", "fr"}
+    assert {lang for lang, _ in engine.observer.loads} == {"sw", "te", "bn", "ja", "fr", "de"}
     with pytest.raises(PackUnavailableError) as refused:
         engine.generate(request("th", "th", chat_ids(engine, "x")))
     assert "/" not in str(refused.value)
@@ -305,7 +320,7 @@ async def test_corrupted_pack_is_refused_without_touching_the_running_weights(en
     for lang in ["resident", "te"]:
         assert await greedy(engine, f"ok-{lang}", lang, prompt, NEW_TOKENS) == hf_greedy(oracle[lang], prompt, NEW_TOKENS)
     stats = engine.stats()
-    assert stats.packs_by_tier == {"device": 1, "host": 4, "disk": 1}
+    assert stats.packs_by_tier == {"device": 1, "host": 5, "disk": 1}
     assert stats.pack_bytes_by_tier["device"] > 0 and stats.kv_tokens_capacity > 0
 
 

@@ -10,6 +10,9 @@ preempted request later resumes as prompt + generated tokens. Every request carr
 pack's `cache_salt`, so KV computed under one pack's layers is never reused under
 another's, and each language keeps its cached prefixes across swaps (no cache reset).
 
+With `engine.pack_mode: lora` none of that runs: the packs are LoRA adapters and every
+language shares each batch (`lora`).
+
 vLLM is imported when the engine starts, not with this module: importing it takes seconds.
 """
 
@@ -53,6 +56,7 @@ from modserve.engine.vllm.conversion import (
     vllm_logprobs,
     vllm_sampling_params,
 )
+from modserve.engine.vllm.lora import LoraPacks, OneBatch
 from modserve.engine.vllm.policy import LanguageGroups
 from modserve.engine.vllm.requests import ChoiceRun, VllmRequest
 from modserve.engine.vllm.worker import EXTENSION
@@ -80,11 +84,15 @@ class VllmEngine(Engine):
         max_waiting: int = 1024,
         group_time_slice: float = 2.0,
         engine_args: dict | None = None,
+        pack_mode: str = "exact",
+        lora_rank: int | None = None,
     ):
         self.resident, self.packs = Path(resident), {lang: Path(p) for lang, p in packs.items()}
         self.dtype, self.max_batch_size, self._max_model_len = dtype, max_batch_size, max_model_len
         self.engine_args = dict(engine_args or {})
-        self._groups = LanguageGroups(group_time_slice, max_waiting)
+        self.pack_mode, self.lora_rank = pack_mode, lora_rank
+        self._groups = (OneBatch if pack_mode == "lora" else LanguageGroups)(group_time_slice, max_waiting)
+        self._lora: LoraPacks | None = None  # pack_mode lora: the packs as adapters
         self._running: dict[str, VllmRequest] = {}
         self._failed: set[str] = set()  # languages whose pack does not serve
         self._pack_bytes: dict[str, int] = {}
@@ -119,6 +127,8 @@ class VllmEngine(Engine):
             max_waiting=engine.max_waiting,
             group_time_slice=engine.group_time_slice,
             engine_args=engine.vllm,
+            pack_mode=engine.pack_mode,
+            lora_rank=engine.lora_rank,
         )
 
     # --- Engine properties ---------------------------------------------------------------
@@ -171,10 +181,12 @@ class VllmEngine(Engine):
         self._max_model_len = min(self._max_model_len, int(resident.config.get("max_position_embeddings", 1 << 30)))
         self._resident_bytes = sum((self.resident / shard).stat().st_size for shard in resident.shards)
         dtype = str(resolve_dtype(self.dtype, resident.config)).removeprefix("torch.")
-        self._vllm_starting = asyncio.ensure_future(asyncio.to_thread(self._start_vllm, self._engine_args(dtype)))
-        await asyncio.shield(self._vllm_starting)
         try:
-            await self._load_packs()
+            if self.pack_mode == "lora":
+                self._lora = await asyncio.to_thread(LoraPacks.export, self.resident, self.packs, self.lora_rank)
+            self._vllm_starting = asyncio.ensure_future(asyncio.to_thread(self._start_vllm, self._engine_args(dtype)))
+            await asyncio.shield(self._vllm_starting)
+            await (self._add_adapters() if self._lora else self._load_packs())
         except Exception:
             await self.shutdown()
             raise
@@ -203,6 +215,7 @@ class VllmEngine(Engine):
             "max_num_seqs": self.max_batch_size,
             "disable_log_stats": True,  # modserve's metrics; StepRecorder still sees every step
             **self.engine_args,
+            **(self._lora.engine_args() if self._lora else {}),
             "worker_extension_cls": EXTENSION,
             # compact JSON, as the native backend writes it (see engine.structured)
             "structured_outputs_config": {
@@ -243,6 +256,18 @@ class VllmEngine(Engine):
             self._salts[language] = pack_salt(self.packs[language])
             self.observer.pack_loaded(language, "disk", max(report["seconds"] for report in reports))
 
+    async def _add_adapters(self) -> None:
+        """pack_mode lora: vLLM loads every adapter now, so one it cannot serve stops the start."""
+        for language in sorted(self._lora.adapters):
+            start = time.perf_counter()
+            try:
+                await self._llm.add_lora(self._lora.request(language))
+            except Exception as err:
+                raise ModserveError(f"packs.{language}: vLLM cannot load it as a LoRA adapter ({err})") from err
+            self._pack_bytes[language] = self._lora.bytes(language)
+            self._salts[language] = pack_salt(self.packs[language])
+            self.observer.pack_loaded(language, "disk", time.perf_counter() - start)
+
     async def shutdown(self) -> None:
         """Queued requests fail, running ones are aborted in vLLM and fail, then vLLM's engine
         core and workers exit."""
@@ -258,6 +283,9 @@ class VllmEngine(Engine):
         if self._llm is not None:
             await asyncio.to_thread(self._llm.shutdown)
             self._llm = None
+        if self._lora is not None:
+            self._lora.close()
+            self._lora = None
 
     # --- requests --------------------------------------------------------------------------
 
@@ -303,11 +331,13 @@ class VllmEngine(Engine):
             self._wake.set()  # a group may now admit again
 
     def stats(self) -> EngineStats:
-        """For vLLM the device tier is the pack whose layers the model holds now."""
+        """For vLLM the device tier is the pack whose layers the model holds now (every adapter
+        in pack_mode lora)."""
         serving = [lang for lang in self.languages if lang in self._pack_bytes]
+        on_device = [lang for lang in serving if self._lora or lang == self._groups.active]
         tiers = {
-            "device": [lang for lang in serving if lang == self._groups.active],
-            "host": [lang for lang in serving if lang != self._groups.active],
+            "device": on_device,
+            "host": [lang for lang in serving if lang not in on_device],
             "disk": sorted(self._failed),
         }
         sizes = {**self._pack_bytes, **{lang: self._file_bytes(lang) for lang in self._failed}}
@@ -415,7 +445,8 @@ class VllmEngine(Engine):
         params = vllm_sampling_params(item.request.params, item.max_tokens, run.seed, len(run.tokens), scores_prompt)
         vllm_id = f"{item.id}-{run.indices[0]}-{run.submissions}"
         try:
-            async for out in self._llm.generate(tokens_input(prompt, cache_salt=item.salt), params, vllm_id):
+            lora = self._lora.request(item.language) if self._lora else None
+            async for out in self._llm.generate(tokens_input(prompt, cache_salt=item.salt), params, vllm_id, lora_request=lora):
                 if run.submissions == 1:
                     item.cached_tokens = max(item.cached_tokens, out.num_cached_tokens or 0)
                 if scores_prompt and out.prompt_logprobs is not None and item.prompt_logprobs is None:
