@@ -18,7 +18,6 @@ from modserve.bench import run
 from modserve.bench.models import SPECS, prepare
 from modserve.bench.overhead import api_overhead, router_latency
 from modserve.bench.workloads import BENCH_LANGUAGES, Workload, load_prompts
-from modserve.config import EngineSection
 from modserve.errors import ModserveError
 
 
@@ -89,9 +88,8 @@ def run_suite(options: BenchOptions, console: Console | None = None) -> dict:
                 console.log("vllm: ceiling, then mixed over every language count on one engine")
                 results.append(await run.ceiling(setup, workload(1), prompts, "vllm"))
                 results.extend(await run.mixed_vllm(setup, [workload(n) for n in counts], prompts))
-                if "pack_mode" in EngineSection.model_fields:  # LoRA serving: on main once the vLLM work lands
-                    console.log(f"vllm: packs as LoRA adapters (rank {setup.lora_rank}), every language count")
-                    results.extend(await run.mixed_vllm(setup, [workload(n) for n in counts], prompts, "lora"))
+                console.log(f"vllm: packs as LoRA adapters (rank {setup.lora_rank}), every language count")
+                results.extend(await run.mixed_vllm(setup, [workload(n) for n in counts], prompts, "lora"))
             for n in counts:
                 console.log(f"native: swap per request, {n} language(s)")
                 results.append(await run.swap_per_request(setup, workload(n), prompts))
