@@ -119,7 +119,7 @@ def prepare(options, workdir: Path, prompts: dict[str, list[str]]) -> tuple[run.
         model = {
             "synthetic": options.model, "spec": spec.__dict__, "plan": plan.to_dict(), "recipe": recipe.__dict__,
             "experts_seconds": trained_seconds, "held_out_top1": trained.held_out_top1,
-            "majority_byte_top1": trained.chance_top1,
+            "majority_byte_top1": trained.majority_top1,
         }
     merged = {lang: merge_pack(resident, pack, workdir / "merged" / lang, progress=False) for lang, pack in packs.items()}
     manifest = read_manifest(next(iter(packs.values())))

@@ -15,8 +15,9 @@ a low-rank delta pack — and a random model's arbitrary next-token choices. Her
 Optimizer: AdamW, as real LLM fine-tunes (the paper's experts included) are made. Its
 per-coordinate normalisation gives a Δ with real structure but no planted rank; SGD's
 few-step Δ is a sum of gradients of rank ≤ tokens per step, which would flatter low-rank
-packs. Training is seeded (batches from a torch Generator, no dropout) and runs in one
-thread order, so the same inputs give the same bytes on one machine. MGSM rows
+packs. Training is seeded (batches from a torch Generator, no dropout): the same inputs give
+the same bytes on one machine (float sums may round differently on another CPU or thread
+count). MGSM rows
 [0, HELD_OUT) train; rows from HELD_OUT on are held out to score the models.
 
 The tiny family's tokenizer is byte-level: token id b is byte b, so text is encoded with
@@ -41,11 +42,11 @@ from modserve.demo.synthetic import (
     write_checkpoint,
 )
 from modserve.errors import ModserveError
+from modserve.packs.fidelity import REPOSITORY_MGSM
 
 HELD_OUT = 200  # MGSM has 250 rows: 200 to train on, 50 never seen by any model here
 MGSM_LANGUAGES = ("bn", "de", "en", "es", "fr", "ja", "ru", "sw", "te", "th", "zh")
 SCORED_TOKENS = 128  # per held-out question: enough to score, cheap on the medium model
-REPOSITORY_MGSM = Path(__file__).resolve().parents[2] / "data" / "mgsm"
 
 
 @dataclass(frozen=True)
@@ -160,7 +161,7 @@ def in_layers(layers: set[int]):
 class TrainedFamily:
     family: Family
     held_out_top1: dict[str, float]  # model name -> teacher-forced top-1 on held-out MGSM text
-    chance_top1: dict[str, float]  # the same texts, always guessing their most frequent byte
+    majority_top1: dict[str, float]  # the same texts, always guessing their most frequent byte
 
 
 def train_family(
