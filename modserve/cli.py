@@ -282,7 +282,8 @@ def bench(
     dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16, float16")] = "auto",
     backend: Annotated[str, typer.Option(help="backends to compare, e.g. native,vllm")] = "native,vllm",
     delta_rank: Annotated[int | None, typer.Option(
-        help="rank of the delta packs and LoRA adapters (default: the largest keeping resident + 4 packs ≤ 0.3 of 4 models)",
+        help="rank of the delta packs and LoRA adapters (default: the largest keeping resident + 4 packs "
+        "≤ 0.3 of 4 models; with --resident, LoRA at full rank)",
     )] = None,
 ) -> None:
     """Throughput, latency and memory as languages grow, against the baselines."""

@@ -10,7 +10,6 @@ import torch
 
 from modserve.bench import run
 from modserve.bench.workloads import BENCH_LANGUAGES
-from modserve.checkpoint import Checkpoint
 from modserve.demo.finetune import Recipe, train_family
 from modserve.demo.synthetic import TinySpec, hf_config
 from modserve.errors import ModserveError
@@ -86,11 +85,6 @@ def default_delta_rank(shapes: dict[str, torch.Size], plan: Plan, num_layers: in
     return low - low % 8 if low >= 8 else low
 
 
-def checkpoint_shapes(path: Path) -> dict[str, torch.Size]:
-    checkpoint = Checkpoint(path)
-    return {name: torch.Size(checkpoint.shape(name)) for name in checkpoint.names}
-
-
 def prepare(options, workdir: Path, prompts: dict[str, list[str]]) -> tuple[run.Setup, dict]:
     """Resident, exact packs, delta packs (synthetic models: they need the experts), merged checkpoints."""
     delta: dict[str, Path] = {}
@@ -100,8 +94,7 @@ def prepare(options, workdir: Path, prompts: dict[str, list[str]]) -> tuple[run.
         if not packs:
             raise ModserveError("--pack: give at least one LANG=PATH with --resident")
         model = {"resident": str(resident), "languages": sorted(packs)}
-        manifest = read_manifest(next(iter(packs.values())))
-        rank = options.delta_rank or default_delta_rank(checkpoint_shapes(resident), manifest.plan, manifest.num_layers)
+        rank = options.delta_rank  # LoRA adapters only (no experts, no delta packs); None: full rank
     else:
         spec, plan, recipe = SPECS[options.model], PLANS[options.model], RECIPES[options.model]
         languages = BENCH_LANGUAGES[: max(options.language_counts)]

@@ -41,7 +41,7 @@ def markdown(report: dict) -> str:
             + ", ".join(f"{name} {top1[name]:.2f} / {guess[name]:.2f}" for name in top1)
         )
     if model.get("delta"):
-        figures.append(f"- delta packs and LoRA adapters: rank {model['delta']['rank']}")
+        figures.append(f"- delta packs and LoRA adapters: rank {model['delta']['rank'] or 'full'}")
     api = report["api"]
     figures.append(
         f"- API overhead (server vs direct engine, p50): {api['overhead_p50_ms']:.1f} ms "

@@ -88,7 +88,7 @@ def run_suite(options: BenchOptions, console: Console | None = None) -> dict:
                 console.log("vllm: ceiling, then mixed over every language count on one engine")
                 results.append(await run.ceiling(setup, workload(1), prompts, "vllm"))
                 results.extend(await run.mixed_vllm(setup, [workload(n) for n in counts], prompts))
-                console.log(f"vllm: packs as LoRA adapters (rank {setup.lora_rank}), every language count")
+                console.log(f"vllm: packs as LoRA adapters (rank {setup.lora_rank or 'full'}), every language count")
                 results.extend(await run.mixed_vllm(setup, [workload(n) for n in counts], prompts, "lora"))
             for n in counts:
                 console.log(f"native: swap per request, {n} language(s)")
