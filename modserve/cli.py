@@ -267,7 +267,7 @@ def detect(
 @app.command()
 def bench(
     out: Annotated[Path | None, typer.Option(help="write bench.json, bench.md and bench.png here")] = None,
-    quick: Annotated[bool, typer.Option(help="tiny model, fewer requests: under 3 minutes on 2 cores")] = False,
+    quick: Annotated[bool, typer.Option(help="tiny model, fewer requests, every scenario: ~7 minutes on 2 cores")] = False,
     mgsm: Annotated[Path | None, typer.Option(help="MGSM directory (mgsm_<lang>.tsv), e.g. data/mgsm; default: built-in prompts")] = None,
     languages: Annotated[str, typer.Option(help="language counts to run, e.g. 1,2,4,8")] = "1,2,4,8",
     mix: Annotated[str, typer.Option(help="uniform or zipf")] = "uniform",

@@ -43,7 +43,7 @@ class BenchOptions:
     delta_rank: int | None = None  # None: the largest keeping resident + 4 delta packs ≤ 0.3 of 4 models
 
     def __post_init__(self):
-        if self.quick:  # under 3 minutes on 2 CPU cores, vLLM included
+        if self.quick:  # about 7 minutes on 2 shared CPU cores, every scenario (vLLM's LoRA: a third of it)
             self.model, self.num_requests, self.output_len = "tiny", 40, 24
             self.vllm_args = {"enforce_eager": True, **self.vllm_args}
         unknown = set(self.backends) - {"native", "vllm"}
