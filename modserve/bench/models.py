@@ -122,7 +122,7 @@ def prepare(options, workdir: Path, prompts: dict[str, list[str]]) -> tuple[run.
     setup = run.Setup(
         resident=Path(resident), packs=packs, merged=merged, delta_packs=delta, lora_rank=rank,
         device=options.device, dtype=options.dtype, max_batch_size=options.concurrency,
-        vllm_args=options.vllm_args, max_model_len=1024 if options.mgsm else 512,
+        vllm_args=options.vllm_args, max_model_len=2048 if options.mgsm else 512,  # MGSM questions run to 1,663 bytes
     )
     return setup, model
 
