@@ -280,7 +280,9 @@ def bench(
     pack: Annotated[list[str] | None, typer.Option(help="LANG=PATH pack for --resident (repeatable)")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda")] = "auto",
     dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16, float16")] = "auto",
-    backend: Annotated[str, typer.Option(help="backends to compare, e.g. native,vllm")] = "native,vllm",
+    backend: Annotated[
+        str, typer.Option(help="backends to compare: native, vllm, vllm-lora (vLLM with pack_mode lora)")
+    ] = "native,vllm,vllm-lora",
     delta_rank: Annotated[int | None, typer.Option(
         help="rank of the delta packs and LoRA adapters (default: the largest keeping resident + 4 packs "
         "≤ 0.3 of 4 models; with --resident, LoRA at full rank)",

@@ -37,7 +37,7 @@ class BenchOptions:
     packs: dict[str, Path] = field(default_factory=dict)
     device: str = "auto"
     dtype: str = "auto"
-    backends: tuple[str, ...] = ("native", "vllm")
+    backends: tuple[str, ...] = ("native", "vllm", "vllm-lora")  # vllm-lora: vLLM with pack_mode lora
     vllm_args: dict = field(default_factory=dict)
     workdir: Path | None = None
     delta_rank: int | None = None  # None: the largest keeping resident + 4 delta packs ≤ 0.3 of 4 models
@@ -46,15 +46,15 @@ class BenchOptions:
         if self.quick:  # about 7 minutes on 2 shared CPU cores, every scenario (vLLM's LoRA: a third of it)
             self.model, self.num_requests, self.output_len = "tiny", 40, 24
             self.vllm_args = {"enforce_eager": True, **self.vllm_args}
-        unknown = set(self.backends) - {"native", "vllm"}
+        unknown = set(self.backends) - {"native", "vllm", "vllm-lora"}
         if unknown:
-            raise ModserveError(f"--backend: {', '.join(sorted(unknown))} is not native or vllm")
+            raise ModserveError(f"--backend: {', '.join(sorted(unknown))} is not native, vllm or vllm-lora")
         if self.model not in SPECS and self.resident is None:
             raise ModserveError(f"--model: {self.model!r} is not one of {', '.join(SPECS)}")
 
 
 def available_backends(options: BenchOptions) -> list[str]:
-    return [b for b in options.backends if b != "vllm" or importlib.util.find_spec("vllm") is not None]
+    return [b for b in options.backends if b == "native" or importlib.util.find_spec("vllm") is not None]
 
 
 def run_suite(options: BenchOptions, console: Console | None = None) -> dict:
@@ -88,6 +88,7 @@ def run_suite(options: BenchOptions, console: Console | None = None) -> dict:
                 console.log("vllm: ceiling, then mixed over every language count on one engine")
                 results.append(await run.ceiling(setup, workload(1), prompts, "vllm"))
                 results.extend(await run.mixed_vllm(setup, [workload(n) for n in counts], prompts))
+            if "vllm-lora" in available_backends(options):
                 console.log(f"vllm: packs as LoRA adapters (rank {setup.lora_rank or 'full'}), every language count")
                 results.extend(await run.mixed_vllm(setup, [workload(n) for n in counts], prompts, "lora"))
             for n in counts:
