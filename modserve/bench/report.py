@@ -42,6 +42,7 @@ def markdown(report: dict) -> str:
         )
     if model.get("delta"):
         figures.append(f"- delta packs and LoRA adapters: rank {model['delta']['rank'] or 'full'}")
+    figures += [f"- **failed**: {f['scenario']}: {f['error']}" for f in report.get("failed", [])]
     api = report["api"]
     figures.append(
         f"- API overhead (server vs direct engine, p50): {api['overhead_p50_ms']:.1f} ms "

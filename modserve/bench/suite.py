@@ -73,29 +73,38 @@ def run_suite(options: BenchOptions, console: Console | None = None) -> dict:
             return Workload(languages[:n], options.num_requests, options.output_len, options.mix,
                             options.rate, options.concurrency)
 
+        failed: list[dict] = []
+
+        async def attempt(name: str, scenario) -> None:
+            """One scenario's figures; a scenario that fails is reported, and the rest still run."""
+            console.log(name)
+            try:
+                got = await scenario
+            except ModserveError as err:
+                console.log(f"{name}: failed ({err})")
+                failed.append({"scenario": name, "error": str(err)})
+                return
+            results.extend(got if isinstance(got, list) else [got])
+
         async def everything() -> None:
             console.log("warm-up (discarded): first-use costs would otherwise land on the first scenario")
             await run.mixed(setup, workload(min(2, len(languages))), prompts)
-            console.log("native: ceiling")
-            results.append(await run.ceiling(setup, workload(1), prompts))
+            await attempt("native: ceiling", run.ceiling(setup, workload(1), prompts))
             for n in counts:
-                console.log(f"native: mixed, {n} language(s)")
-                results.append(await run.mixed(setup, workload(n), prompts))
+                await attempt(f"native: mixed, {n} language(s)", run.mixed(setup, workload(n), prompts))
             for n in counts if setup.delta_packs else []:
-                console.log(f"native: delta mixed, {n} language(s), rank {model['delta']['rank']}")
-                results.append(await run.mixed(setup, workload(n), prompts, kind="delta"))
+                await attempt(f"native: delta mixed, {n} language(s), rank {model['delta']['rank']}",
+                              run.mixed(setup, workload(n), prompts, kind="delta"))
             if "vllm" in available_backends(options):
-                console.log("vllm: ceiling, then mixed over every language count on one engine")
-                results.append(await run.ceiling(setup, workload(1), prompts, "vllm"))
-                results.extend(await run.mixed_vllm(setup, [workload(n) for n in counts], prompts))
+                await attempt("vllm: ceiling", run.ceiling(setup, workload(1), prompts, "vllm"))
+                await attempt("vllm: mixed over every language count on one engine",
+                              run.mixed_vllm(setup, [workload(n) for n in counts], prompts))
             if "vllm-lora" in available_backends(options):
-                console.log(f"vllm: packs as LoRA adapters (rank {setup.lora_rank or 'full'}), every language count")
-                results.extend(await run.mixed_vllm(setup, [workload(n) for n in counts], prompts, "lora"))
+                await attempt(f"vllm: packs as LoRA adapters (rank {setup.lora_rank or 'full'}), every language count",
+                              run.mixed_vllm(setup, [workload(n) for n in counts], prompts, "lora"))
             for n in counts:
-                console.log(f"native: swap per request, {n} language(s)")
-                results.append(await run.swap_per_request(setup, workload(n), prompts))
-                console.log(f"native: one model per language, {n}")
-                results.append(await run.one_model_per_language(setup, workload(n), prompts))
+                await attempt(f"native: swap per request, {n} language(s)", run.swap_per_request(setup, workload(n), prompts))
+                await attempt(f"native: one model per language, {n}", run.one_model_per_language(setup, workload(n), prompts))
 
         asyncio.run(everything())
         console.log("router latency and API overhead")
@@ -112,6 +121,7 @@ def run_suite(options: BenchOptions, console: Console | None = None) -> dict:
                 "prompts": str(options.mgsm) if options.mgsm else "built-in", "language_counts": counts,
             },
             "scenarios": [r.to_json() for r in results],
+            "failed": failed,
             "router": router,
             "api": api,
             "seconds": time.perf_counter() - started,
