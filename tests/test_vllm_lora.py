@@ -78,7 +78,7 @@ async def test_a_pack_lora_cannot_carry_stops_the_start_naming_it(demo, tmp_path
     assert set(Path(tempfile.gettempdir()).glob("modserve-lora-*")) == leftovers
 
 
-def test_max_lora_rank_is_the_smallest_vllm_accepts(tmp_path):
+async def test_max_lora_rank_is_the_smallest_vllm_accepts(tmp_path):
     from modserve.engine.vllm.lora import vllm_max_lora_rank
 
     assert [vllm_max_lora_rank(r) for r in (1, 2, 64, 65, 512)] == [1, 8, 64, 128, 512]
