@@ -21,10 +21,10 @@ from modserve.bench.models import PLANS, RECIPES, SPECS
 from modserve.demo.finetune import HELD_OUT, read_questions, train_family
 from modserve.demo.synthetic import build_family
 from modserve.packs.build import BuildJob, build_packs
+from modserve.packs.fidelity import REPOSITORY_MGSM as MGSM
 from modserve.packs.format import read_manifest
 from modserve.packs.lowrank import RankChoice
 
-MGSM = Path(__file__).resolve().parents[1] / "data" / "mgsm"
 LANGUAGES = ("sw", "ja")
 CHOICES = [RankChoice(rank=r) for r in (4, 8, 16, 32, 64)] + [RankChoice(energy=e) for e in (0.5, 0.8, 0.9, 0.95)]
 

@@ -254,13 +254,13 @@ def build_packs(
         plan_pack(resident, e, j.language, j.plan, j.delta) for j, e in zip(jobs, experts, strict=True)
     ]
     prompts = fidelity_prompts or {}
-    measured = [pp for pp in planned if pp.delta is not None and prompts.get(pp.language)]
+    measured = {pp.language for pp in planned if pp.delta is not None and prompts.get(pp.language)}
     probe = FidelityProbe(resident) if measured else None
     hashes = ResidentHashes(resident)
     return [
         build_pack(
             pp, resident, expert, Path(out_dir) / f"{pp.language}.pack", hashes, progress,
-            (probe, prompts[pp.language]) if pp in measured else None,
+            (probe, prompts[pp.language]) if pp.language in measured else None,
         )
         for pp, expert in zip(planned, experts, strict=True)
     ]
