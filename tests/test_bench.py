@@ -132,16 +132,26 @@ def test_workloads_are_seeded_and_follow_the_mix(mgsm_dir):
     assert 70 < sum(r.language == "sw" for r in uniform) < 130 and {r.arrival for r in uniform} == {0.0}
 
 
+def test_built_in_prompts_differ_per_request_so_no_prefix_cache_serves_a_whole_prompt():
+    prompts = load_prompts(None, ("sw", "bn"))
+    requests = make_requests(Workload(("sw", "bn"), num_requests=40), prompts)
+    assert len({r.question for r in requests}) > 30
+    assert not any(digit in "".join(prompts["bn"]) for digit in "0123456789")  # Bengali digits
+
+
 def test_bench_runs_every_scenario_and_writes_json_table_and_plot(tmp_path):
     options = BenchOptions(model="tiny", num_requests=8, output_len=4, concurrency=4,
                            language_counts=(1, 4), backends=("native",), workdir=tmp_path)
     report = run_suite(options)
     scenarios = {(s["scenario"], s["languages"]) for s in report["scenarios"]}
-    assert scenarios == {("ceiling", 1), ("mixed", 1), ("mixed", 4), ("delta_mixed", 1), ("delta_mixed", 4),
+    assert scenarios == {("ceiling", 4), ("mixed", 1), ("mixed", 4), ("delta_mixed", 1), ("delta_mixed", 4),
                          ("swap_per_request", 1), ("swap_per_request", 4), ("one_model_per_language", 1),
                          ("one_model_per_language", 4)}
     for s in report["scenarios"]:
         assert s["tokens_per_s"] > 0 and s["weight_bytes"] > 0 and s["ttft_p50_ms"] > 0
+    by_row = {(s["scenario"], s["languages"]): s for s in report["scenarios"]}
+    # the ceiling serves the widest mix's own requests (a mix's prompts differ in length)
+    assert by_row["ceiling", 4]["prompt_tokens"] == by_row["mixed", 4]["prompt_tokens"] != by_row["mixed", 1]["prompt_tokens"]
     figures = report["ratios"]
     assert {"native_mixed4_vs_ceiling", "memory_4packs_vs_4models", "native_mixed4_vs_swap_per_request4",
             "native_delta_mixed4_vs_ceiling", "memory_4deltapacks_vs_4models", "delta_top1_agreement"} <= set(figures)

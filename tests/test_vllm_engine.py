@@ -115,20 +115,22 @@ def child_processes() -> set[int]:
 
 @pytest.fixture
 def timeline(engine, monkeypatch) -> list[tuple]:
-    """What vLLM sees, in order: ("start" | "end", request id, active group, submission) around
-    each sequence of a request (resumed ones again, with the next submission number), and
-    ("swap", target) after each swap."""
+    """What vLLM sees, in order: ("start", request id, active group, submission) and ("end",
+    ..., tokens it generated) around each sequence of a request (resumed ones again, with the
+    next submission number), and ("swap", target) after each swap."""
     events: list[tuple] = []
     generate, swapped = engine._llm.generate, engine.observer.pack_swapped
 
     async def traced(prompt, params, vllm_id, **kwargs):
         rid, _choice, submission = vllm_id.rsplit("-", 2)
         events.append(("start", rid, engine.active_group, int(submission)))
+        tokens = 0
         try:
             async for out in generate(prompt, params, vllm_id, **kwargs):
+                tokens = len(out.outputs[0].token_ids)  # cumulative
                 yield out
         finally:
-            events.append(("end", rid, engine.active_group, int(submission)))
+            events.append(("end", rid, engine.active_group, int(submission), tokens))
 
     def swap(language, seconds):
         events.append(("swap", language))
@@ -259,6 +261,8 @@ async def test_a_slice_ends_by_preempting_and_preempted_requests_still_equal_the
     assert {"long-0", "long-1", "long-2"} <= resumed  # (te too, when its own slice ends first)
     ended = [event[1] for event in timeline if event[0] == "end"]
     assert ended.index("late") < max(k for k, rid in enumerate(ended) if rid.startswith("long-"))
+    # a slice shorter than a prefill still preempts no one before its first token: no wasted prefill
+    assert all(event[4] >= 1 for event in timeline if event[0] == "end"), timeline
     in_vllm: set[str] = set()
     for event in timeline:  # no sequence spans a swap
         if event[0] == "swap":
@@ -444,6 +448,7 @@ class Waiting:
     id: str
     language: str
     arrival: float
+    waiting_since: float = 0.0
 
 
 def waiting(language: str, arrival: float) -> Waiting:
@@ -476,6 +481,20 @@ async def test_the_slice_counts_from_the_swap_when_others_waited_before_it():
     assert groups.pop_admissible() is not None
     clock.now = 7.0
     assert groups.pop_admissible() is None
+
+
+async def test_a_preempted_request_waits_from_its_preemption_so_earlier_arrivals_go_first():
+    clock = Clock()
+    groups = LanguageGroups(time_slice=2.0, max_waiting=10, clock=clock)
+    groups.activate("sw")
+    clock.now = 3.0
+    groups.push(waiting("te", 3.0))
+    clock.now = 5.0
+    groups.requeue(waiting("sw", 0.0))  # it arrived first, but ran until now
+    groups.push(waiting("sw", 4.0))
+    groups.activate("ja")
+    assert groups.next_group() == "te"
+    assert [item.id for item in groups.take_all("sw")] == ["sw@0.0", "sw@4.0"]  # its place in its queue
 
 
 async def test_the_next_group_is_the_one_whose_oldest_request_waited_longest():

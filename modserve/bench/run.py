@@ -1,6 +1,6 @@
 """Scenarios run side by side in one process, on the same model and the same requests.
 
-- ceiling: one merged checkpoint, single-language traffic — the best case;
+- ceiling: one merged checkpoint serving the widest mix's requests — the best case;
 - mixed: the resident plus N packs, mixed-language traffic (native; vLLM when installed);
 - delta_mixed: the same with delta packs (native: resident weights plus B·(A·x) per language);
 - lora_mixed: vLLM with the packs as LoRA adapters (`engine.pack_mode: lora`), one batch;
@@ -36,6 +36,7 @@ class Timing:
     gaps: list[float]
     latency: float
     output_tokens: int
+    prompt_tokens: int
 
 
 @dataclass
@@ -54,6 +55,7 @@ class ScenarioResult:
     swaps: int
     peak_memory_bytes: int
     weight_bytes: int  # resident + packs (or N full models), from the engines' own accounting
+    prompt_tokens: int = 0  # the traffic's size: the ceiling serves the same as the widest mix
     extra: dict = field(default_factory=dict)
 
     def to_json(self) -> dict:
@@ -195,7 +197,7 @@ async def timed(engine: Engine, request_id: str, prompt: list[int], language: st
         else:
             gaps.append((now - last) / new)
         tokens, last = tokens + new, now
-    return Timing(language, ttft, gaps, time.perf_counter() - start, tokens)
+    return Timing(language, ttft, gaps, time.perf_counter() - start, tokens, len(prompt))
 
 
 async def drive(
@@ -257,6 +259,7 @@ def summarize(
         swaps=observer.swaps,
         peak_memory_bytes=memory.peak,
         weight_bytes=weight_bytes,
+        prompt_tokens=sum(t.prompt_tokens for t in timings),
     )
 
 
@@ -273,18 +276,19 @@ async def warm(engines: dict[str, Engine], setup_languages: list[tuple[str, str]
 
 
 async def ceiling(setup: Setup, workload: Workload, prompts, backend: str = "native") -> ScenarioResult:
-    language = workload.languages[0]
+    """The workload's own requests, every one on the first language's merged checkpoint: the
+    same prompts and outputs as the mixed scenario, with no language ever apart — the best
+    any runtime could do for that traffic."""
     observer = Counting()
     with MemoryPeak(torch.device(resolve(setup.device))) as memory:
-        engine = await start(setup.config(setup.merged[language], {}, backend), observer)
+        engine = await start(setup.config(setup.merged[workload.languages[0]], {}, backend), observer)
         try:
             await warm({"e": engine}, [("e", RESIDENT)])
-            single = Workload(**{**asdict(workload), "languages": (language,)})
-            timings, seconds = await drive({"e": engine}, make_requests(single, prompts), single, lambda _: ("e", RESIDENT))
+            timings, seconds = await drive({"e": engine}, make_requests(workload, prompts), workload, lambda _: ("e", RESIDENT))
             weights = engine_bytes(engine)
         finally:
             await engine.shutdown()
-    result = summarize("ceiling", backend, single, timings, seconds, observer, memory, weights)
+    result = summarize("ceiling", backend, workload, timings, seconds, observer, memory, weights)
     if backend == "vllm":
         result.peak_memory_bytes = 0  # vLLM's engine core is another process: not measured here
     return result

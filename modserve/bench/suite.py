@@ -89,14 +89,14 @@ def run_suite(options: BenchOptions, console: Console | None = None) -> dict:
         async def everything() -> None:
             console.log("warm-up (discarded): first-use costs would otherwise land on the first scenario")
             await run.mixed(setup, workload(min(2, len(languages))), prompts)
-            await attempt("native: ceiling", run.ceiling(setup, workload(1), prompts))
+            await attempt("native: ceiling", run.ceiling(setup, workload(max(counts)), prompts))
             for n in counts:
                 await attempt(f"native: mixed, {n} language(s)", run.mixed(setup, workload(n), prompts))
             for n in counts if setup.delta_packs else []:
                 await attempt(f"native: delta mixed, {n} language(s), rank {model['delta']['rank']}",
                               run.mixed(setup, workload(n), prompts, kind="delta"))
             if "vllm" in available_backends(options):
-                await attempt("vllm: ceiling", run.ceiling(setup, workload(1), prompts, "vllm"))
+                await attempt("vllm: ceiling", run.ceiling(setup, workload(max(counts)), prompts, "vllm"))
                 await attempt("vllm: mixed over every language count on one engine",
                               run.mixed_vllm(setup, [workload(n) for n in counts], prompts))
             if "vllm-lora" in available_backends(options):

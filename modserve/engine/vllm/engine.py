@@ -52,7 +52,7 @@ from modserve.engine.vllm.conversion import (
     FINISH_REASONS,
     StepRecorder,
     engine_error,
-    set_cpu_kv_cache_default,
+    apply_cpu_defaults,
     vllm_logprobs,
     vllm_sampling_params,
 )
@@ -228,7 +228,7 @@ class VllmEngine(Engine):
         from vllm.config import StructuredOutputsConfig
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        set_cpu_kv_cache_default(args)
+        apply_cpu_defaults(args)
         try:
             args = {**args, "structured_outputs_config": StructuredOutputsConfig(**args["structured_outputs_config"])}
             engine_args = AsyncEngineArgs(**args)
@@ -395,9 +395,10 @@ class VllmEngine(Engine):
                 run.task = asyncio.create_task(self._run_choice(item, run), name=f"modserve-vllm-{item.id}")
 
     async def _preempt(self) -> None:
-        """The slice is over: running requests that can resume exactly leave vLLM now, keeping
-        what they generated, and wait at the head of their queue; the others finish first."""
-        preempted = [item for item in self._running.values() if item.resumable]
+        """The slice is over: running requests that can resume exactly leave vLLM once past
+        their prefill (now, or at their next token), keeping what they generated, and wait at
+        the head of their queue; the others finish first."""
+        preempted = [item for item in self._running.values() if item.resumable and item.started]
         await asyncio.gather(*(self._stop_runs(item) for item in preempted))
         for item in preempted:
             self._running.pop(item.id, None)
@@ -439,7 +440,7 @@ class VllmEngine(Engine):
         vLLM's generator (finished, cancelled, or a stop string seen) aborts it in vLLM."""
         from vllm.inputs import tokens_input
 
-        run.submissions += 1
+        run.submissions, run.submitted_with = run.submissions + 1, len(run.tokens)
         prompt = item.request.prompt_token_ids + run.tokens
         scores_prompt = run.submissions == 1 and run.indices[0] == 0 and item.request.params.prompt_logprobs is not None
         params = vllm_sampling_params(item.request.params, item.max_tokens, run.seed, len(run.tokens), scores_prompt)
@@ -452,9 +453,12 @@ class VllmEngine(Engine):
                 if scores_prompt and out.prompt_logprobs is not None and item.prompt_logprobs is None:
                     ids = item.request.prompt_token_ids
                     item.prompt_logprobs = [None, *vllm_logprobs(ids[1:], out.prompt_logprobs[1:], params.prompt_logprobs)]
+                had_started = item.started
                 self._post(item, self._advance(item, run, out.outputs[0]))
                 if run.finish_reason is not None:
                     return
+                if not had_started and item.started and self._groups.slice_over():
+                    self._wake.set()  # past its prefill: it can leave for the next language
             raise EngineError("vLLM ended the request before it finished")
         except asyncio.CancelledError:
             raise

@@ -2,7 +2,8 @@
 
 One vLLM step runs one set of weights, so requests wait in per-language queues and are
 admitted one language group at a time. The policy knows nothing about vLLM: it orders
-waiting items (anything with an id, a language and an arrival time).
+waiting items (anything with an id, a language, an arrival time and a waiting_since the
+policy sets).
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ class Waiting(Protocol):
     def id(self) -> str: ...
     @property
     def language(self) -> str: ...
-    arrival: float
+    arrival: float  # its place in its language's queue
+    waiting_since: float  # since when it waits: its arrival, or when it was last preempted
 
 
 class LanguageGroups:
@@ -30,9 +32,11 @@ class LanguageGroups:
     The active group admits freely while it is alone. Once another language waits, the
     active group keeps the model for `time_slice` more seconds (counted from when that
     language began waiting, or from the swap if later), so every swap is paid for by a slice
-    of work and no language starves. Then its running requests are preempted (and requeued
-    where they were), and the language whose oldest request has waited longest goes next.
-    `resident` is a group like any other.
+    of work and no language starves. Then its running requests are preempted (requeued where
+    they were, waiting from then on), and the language whose request has waited longest goes
+    next — first come, first served, a preempted request coming again when it was preempted,
+    so new arrivals do not wait behind every language's unfinished decodes. `resident` is a
+    group like any other.
     """
 
     def __init__(self, time_slice: float, max_waiting: int, clock: Callable[[], float] = time.monotonic):
@@ -47,10 +51,13 @@ class LanguageGroups:
     def push(self, item: Waiting) -> None:
         if len(self) >= self.max_waiting:
             raise QueueFullError(f"{len(self)} requests are already waiting; retry later")
+        item.waiting_since = item.arrival
         self.queues.setdefault(item.language, deque()).append(item)
 
     def requeue(self, item: Waiting) -> None:
-        """Back in its queue at its arrival (a preempted request goes before later ones); never refused."""
+        """Back in its queue at its arrival (a preempted request goes before later ones), waiting
+        from now; never refused."""
+        item.waiting_since = self.clock()
         queue = self.queues.setdefault(item.language, deque())
         position = next((k for k, other in enumerate(queue) if other.arrival > item.arrival), len(queue))
         queue.insert(position, item)
@@ -69,8 +76,12 @@ class LanguageGroups:
 
     def slice_ends_at(self) -> float | None:
         """When the active group's slice ends (clock time); None while no other language waits."""
-        others = [queue[0].arrival for lang, queue in self.queues.items() if queue and lang != self.active]
+        others = [self._longest_wait(queue) for lang, queue in self.queues.items() if queue and lang != self.active]
         return max(self.active_since, min(others)) + self.time_slice if others else None
+
+    @staticmethod
+    def _longest_wait(queue: deque[Waiting]) -> float:
+        return min(item.waiting_since for item in queue)
 
     def slice_over(self) -> bool:
         end = self.slice_ends_at()
@@ -85,8 +96,8 @@ class LanguageGroups:
 
     def next_group(self) -> str | None:
         """The group to hold the model once nothing runs: the active one while its slice lasts,
-        else the language whose oldest request has waited longest."""
-        heads = {lang: queue[0].arrival for lang, queue in self.queues.items() if queue}
+        else the language whose request has waited longest."""
+        heads = {lang: self._longest_wait(queue) for lang, queue in self.queues.items() if queue}
         if self.active in heads and not self.slice_over():
             return self.active
         others = {lang: arrival for lang, arrival in heads.items() if lang != self.active} or heads

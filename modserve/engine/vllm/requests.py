@@ -35,6 +35,13 @@ class ChoiceRun:
     finish_reason: FinishReason | None = None
     task: asyncio.Task | None = None
     submissions: int = 0
+    submitted_with: int = 0  # tokens it had generated when last submitted
+
+    @property
+    def started(self) -> bool:
+        """Past its (re)submission's prefill: it produced a token since. Stopping it before
+        would throw that prefill away."""
+        return len(self.tokens) > self.submitted_with
 
 
 @dataclass
@@ -46,6 +53,7 @@ class VllmRequest:
     stop_ids: frozenset[int]  # EOS (unless ignore_eos) and the request's stop_token_ids
     max_tokens: int  # resolved against the context length
     arrival: float = field(default_factory=time.monotonic)
+    waiting_since: float = 0.0  # set by the language groups
     cached_tokens: int = 0  # prompt tokens vLLM served from its prefix cache (first submission)
     prompt_logprobs: list[TokenLogprob | None] | None = None
     prompt_logprobs_posted: bool = False
@@ -65,6 +73,10 @@ class VllmRequest:
     @property
     def tasks(self) -> list[asyncio.Task]:
         return [run.task for run in self.runs if run.task is not None and not run.task.done()]
+
+    @property
+    def started(self) -> bool:
+        return all(run.started for run in self.unfinished)
 
     @property
     def resumable(self) -> bool:
