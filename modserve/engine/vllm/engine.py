@@ -51,8 +51,8 @@ from modserve.engine.text import TextStream
 from modserve.engine.vllm.conversion import (
     FINISH_REASONS,
     StepRecorder,
-    engine_error,
     apply_cpu_defaults,
+    engine_error,
     vllm_logprobs,
     vllm_sampling_params,
 )
