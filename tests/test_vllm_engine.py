@@ -127,7 +127,7 @@ def timeline(engine, monkeypatch) -> list[tuple]:
         tokens = 0
         try:
             async for out in generate(prompt, params, vllm_id, **kwargs):
-                tokens = len(out.outputs[0].token_ids)  # cumulative
+                tokens += len(out.outputs[0].token_ids)  # modserve asks vLLM for deltas
                 yield out
         finally:
             events.append(("end", rid, engine.active_group, int(submission), tokens))

@@ -97,10 +97,10 @@ class LanguageGroups:
     def next_group(self) -> str | None:
         """The group to hold the model once nothing runs: the active one while its slice lasts,
         else the language whose request has waited longest."""
-        heads = {lang: self._longest_wait(queue) for lang, queue in self.queues.items() if queue}
-        if self.active in heads and not self.slice_over():
+        waits = {lang: self._longest_wait(queue) for lang, queue in self.queues.items() if queue}
+        if self.active in waits and not self.slice_over():
             return self.active
-        others = {lang: arrival for lang, arrival in heads.items() if lang != self.active} or heads
+        others = {lang: since for lang, since in waits.items() if lang != self.active} or waits
         return min(others, key=others.__getitem__) if others else None
 
     def by_language(self) -> dict[str, int]:
