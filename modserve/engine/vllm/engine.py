@@ -49,7 +49,6 @@ from modserve.engine.loading import (
 from modserve.engine.structured import grammar_of
 from modserve.engine.text import TextStream
 from modserve.engine.vllm.conversion import (
-    FINISH_REASONS,
     StepRecorder,
     apply_cpu_defaults,
     engine_error,
@@ -454,7 +453,8 @@ class VllmEngine(Engine):
                     ids = item.request.prompt_token_ids
                     item.prompt_logprobs = [None, *vllm_logprobs(ids[1:], out.prompt_logprobs[1:], params.prompt_logprobs)]
                 had_started = item.started
-                self._post(item, self._advance(item, run, out.outputs[0]))
+                self.faults.check_row(item.id)
+                self._post(item, item.advance(run, out.outputs[0], self._max_model_len))
                 if run.finish_reason is not None:
                     return
                 if not had_started and item.started and self._groups.slice_over():
@@ -465,32 +465,6 @@ class VllmEngine(Engine):
         except Exception as err:  # one request's failure never stops the engine
             log.warning("request %s failed in vLLM: %r", item.id, err)
             await self._fail(item, engine_error(err))
-
-    def _advance(self, item: VllmRequest, run: ChoiceRun, completion) -> list[ChoiceDelta]:
-        """vLLM's new tokens, one by one, through the same decisions the native backend makes."""
-        self.faults.check_row(item.id)
-        if completion.finish_reason == "error":
-            raise EngineError("vLLM failed the request (internal error); retry")
-        k = item.request.params.logprobs
-        logprobs = vllm_logprobs(completion.token_ids, completion.logprobs or (), k) if k is not None else None
-        text, tokens = "", []
-        for token in completion.token_ids:
-            run.tokens.append(token)
-            tokens.append(token)
-            total = len(item.request.prompt_token_ids) + len(run.tokens)
-            length_reached = len(run.tokens) >= item.max_tokens or total >= self._max_model_len
-            may_stop = len(run.tokens) >= item.request.params.min_tokens
-            released, reason = run.text.advance(token, item.stop_ids if may_stop else frozenset(), length_reached, may_stop)
-            text += released
-            if reason is not None:
-                run.finish_reason = reason
-                break
-        else:
-            if completion.finish_reason is not None and completion.finish_reason != "abort":
-                text += run.text.finish()  # vLLM ended it (e.g. an EOS it knows)
-                run.finish_reason = FINISH_REASONS.get(completion.finish_reason, "stop")
-        chosen = None if logprobs is None else logprobs[: len(tokens)]
-        return [ChoiceDelta(i, text, list(tokens), run.finish_reason, chosen) for i in run.indices]
 
     def _post(self, item: VllmRequest, choices: list[ChoiceDelta]) -> None:
         if self._running.get(item.id) is not item:  # aborted, preempted or failed meanwhile

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 from modserve.engine.base import (
     ChoiceDelta,
+    EngineError,
     FinishReason,
     GenerationRequest,
     OutputStream,
@@ -22,6 +23,7 @@ from modserve.engine.base import (
     TokenLogprob,
 )
 from modserve.engine.text import TextStream
+from modserve.engine.vllm.conversion import FINISH_REASONS, vllm_logprobs
 
 
 @dataclass
@@ -87,6 +89,31 @@ class VllmRequest:
         p = self.request.params
         exact = not (p.presence_penalty or p.frequency_penalty) and p.structured is None
         return exact and (p.greedy or p.seed is None)
+
+    def advance(self, run: ChoiceRun, completion, max_model_len: int) -> list[ChoiceDelta]:
+        """vLLM's new tokens, one by one, through the same decisions the native backend makes."""
+        if completion.finish_reason == "error":
+            raise EngineError("vLLM failed the request (internal error); retry")
+        k = self.request.params.logprobs
+        logprobs = vllm_logprobs(completion.token_ids, completion.logprobs or (), k) if k is not None else None
+        text, tokens = "", []
+        for token in completion.token_ids:
+            run.tokens.append(token)
+            tokens.append(token)
+            total = len(self.request.prompt_token_ids) + len(run.tokens)
+            length_reached = len(run.tokens) >= self.max_tokens or total >= max_model_len
+            may_stop = len(run.tokens) >= self.request.params.min_tokens
+            released, reason = run.text.advance(token, self.stop_ids if may_stop else frozenset(), length_reached, may_stop)
+            text += released
+            if reason is not None:
+                run.finish_reason = reason
+                break
+        else:
+            if completion.finish_reason is not None and completion.finish_reason != "abort":
+                text += run.text.finish()  # vLLM ended it (e.g. an EOS it knows)
+                run.finish_reason = FINISH_REASONS.get(completion.finish_reason, "stop")
+        chosen = None if logprobs is None else logprobs[: len(tokens)]
+        return [ChoiceDelta(i, text, list(tokens), run.finish_reason, chosen) for i in run.indices]
 
     def output(self, choices: list[ChoiceDelta]) -> RequestOutput:
         prompt_logprobs = None
