@@ -454,7 +454,7 @@ class VllmEngine(Engine):
                     item.prompt_logprobs = [None, *vllm_logprobs(ids[1:], out.prompt_logprobs[1:], params.prompt_logprobs)]
                 had_started = item.started
                 self.faults.check_row(item.id)
-                self._post(item, item.advance(run, out.outputs[0], self._max_model_len))
+                self._post(item, item.advance(run, out.outputs[0]))
                 if run.finish_reason is not None:
                     return
                 if not had_started and item.started and self._groups.slice_over():

@@ -90,8 +90,9 @@ class VllmRequest:
         exact = not (p.presence_penalty or p.frequency_penalty) and p.structured is None
         return exact and (p.greedy or p.seed is None)
 
-    def advance(self, run: ChoiceRun, completion, max_model_len: int) -> list[ChoiceDelta]:
-        """vLLM's new tokens, one by one, through the same decisions the native backend makes."""
+    def advance(self, run: ChoiceRun, completion) -> list[ChoiceDelta]:
+        """vLLM's new tokens, one by one, through the same decisions the native backend makes.
+        `max_tokens` already stops it at the context length (the engine refused a longer ask)."""
         if completion.finish_reason == "error":
             raise EngineError("vLLM failed the request (internal error); retry")
         k = self.request.params.logprobs
@@ -100,8 +101,7 @@ class VllmRequest:
         for token in completion.token_ids:
             run.tokens.append(token)
             tokens.append(token)
-            total = len(self.request.prompt_token_ids) + len(run.tokens)
-            length_reached = len(run.tokens) >= self.max_tokens or total >= max_model_len
+            length_reached = len(run.tokens) >= self.max_tokens
             may_stop = len(run.tokens) >= self.request.params.min_tokens
             released, reason = run.text.advance(token, self.stop_ids if may_stop else frozenset(), length_reached, may_stop)
             text += released
