@@ -281,8 +281,8 @@ def bench(
     device: Annotated[str, typer.Option(help="auto, cpu, cuda")] = "auto",
     dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16, float16")] = "auto",
     backend: Annotated[
-        str, typer.Option(help="backends to compare: native, vllm, vllm-lora (vLLM with pack_mode lora)")
-    ] = "native,vllm,vllm-lora",
+        str, typer.Option(help="backends to compare: native, vllm, vllm-grouped, vllm-lora (vLLM with that pack_mode)")
+    ] = "native,vllm,vllm-grouped,vllm-lora",
     delta_rank: Annotated[int | None, typer.Option(
         help="rank of the delta packs and LoRA adapters (default: the largest keeping resident + 4 packs "
         "≤ 0.3 of 4 models; with --resident, LoRA at full rank)",

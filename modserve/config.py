@@ -57,19 +57,20 @@ class EngineSection(Section):
     host_pack_memory: ByteSize = ByteSize(16 << 30)
     # vllm backend: how long one language group keeps admitting while another waits.
     group_time_slice: float = Field(2.0, gt=0.0)
-    # vllm backend: `exact` swaps packs in place between language slices; `lora` serves every
-    # pack as a LoRA adapter (norms folded in), all languages in one batch.
-    pack_mode: Literal["exact", "lora"] = "exact"
+    # vllm backend: `exact` swaps packs in place between language slices; `grouped` runs every
+    # language in each step, a swapped layer's linears and norms per language group (eager,
+    # one worker); `lora` serves every pack as a LoRA adapter (norms folded in), one batch.
+    pack_mode: Literal["exact", "grouped", "lora"] = "exact"
     # pack_mode lora: the adapters' rank (default: full rank, capped per matrix: exact).
     lora_rank: int | None = Field(None, ge=1)
     # vllm backend: extra vLLM engine arguments (tensor_parallel_size, gpu_memory_utilization, ...).
     vllm: dict = Field(default_factory=dict)
 
     @model_validator(mode="after")
-    def lora_needs_vllm(self):
-        """The native backend runs packs as they are; a LoRA mode it would ignore is refused."""
-        if self.pack_mode == "lora" and self.backend != "vllm":
-            raise ValueError("pack_mode: lora needs backend: vllm")
+    def pack_mode_needs_vllm(self):
+        """The native backend always runs packs per language group; a mode it would ignore is refused."""
+        if self.pack_mode != "exact" and self.backend != "vllm":
+            raise ValueError(f"pack_mode: {self.pack_mode} needs backend: vllm")
         return self
 
 

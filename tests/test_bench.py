@@ -94,13 +94,13 @@ def row(scenario, backend, languages, tokens_per_s, weight_bytes=1, ttft_p99_ms=
                           0, 0, 10, weight_bytes)
 
 
-def test_ratios_compare_delta_and_lora_rows_with_their_ceilings_and_read_fidelity_from_manifests():
+def test_ratios_compare_delta_grouped_and_lora_rows_with_their_ceilings_and_read_fidelity_from_manifests():
     results = [
         row("ceiling", "native", 1, 500.0, 100), row("mixed", "native", 4, 250.0, 260),
         row("delta_mixed", "native", 4, 400.0, 120), row("one_model_per_language", "native", 4, 300.0, 400),
         row("swap_per_request", "native", 4, 100.0, 100),
         row("ceiling", "vllm", 1, 800.0, ttft_p99_ms=200.0), row("mixed", "vllm", 4, 600.0, ttft_p99_ms=900.0),
-        row("lora_mixed", "vllm", 4, 200.0, ttft_p99_ms=300.0),
+        row("lora_mixed", "vllm", 4, 200.0, ttft_p99_ms=300.0), row("grouped_mixed", "vllm", 4, 720.0, ttft_p99_ms=260.0),
     ]
     fidelity = {"sw": {"measured": True, "tokens": 300, "top1_agreement": 0.9, "kl_mean": 0.01},
                 "te": {"measured": True, "tokens": 100, "top1_agreement": 0.5, "kl_mean": 0.05},
@@ -111,6 +111,7 @@ def test_ratios_compare_delta_and_lora_rows_with_their_ceilings_and_read_fidelit
     assert out["memory_4packs_vs_4models"] == 0.65 and out["memory_4deltapacks_vs_4models"] == 0.3
     assert out["vllm_mixed4_vs_ceiling"] == 0.75 and out["vllm_lora_mixed4_vs_ceiling"] == 0.25
     assert out["vllm_mixed4_ttft_p99_vs_ceiling"] == 4.5 and out["vllm_lora_mixed4_ttft_p99_vs_ceiling"] == 1.5
+    assert out["vllm_grouped_mixed4_vs_ceiling"] == 0.9 and out["vllm_grouped_mixed4_ttft_p99_vs_ceiling"] == 1.3
     assert out["delta_top1_agreement"] == pytest.approx(0.8) and out["delta_kl_mean"] == pytest.approx(0.02)
     assert out["native_mixed4_vs_swap_per_request4"] == 2.5
     without = ratios(results[:5], {}, {**model, "delta": {"rank": 96, "fidelity": {}}})

@@ -122,7 +122,9 @@ def timeline(engine, monkeypatch) -> list[tuple]:
     generate, swapped = engine._llm.generate, engine.observer.pack_swapped
 
     async def traced(prompt, params, vllm_id, **kwargs):
-        rid, _choice, submission = vllm_id.rsplit("-", 2)
+        language, _, sequence = vllm_id.partition(":")
+        rid, _choice, submission = sequence.rsplit("-", 2)
+        assert language == engine.active_group
         events.append(("start", rid, engine.active_group, int(submission)))
         tokens = 0
         try:

@@ -10,7 +10,8 @@ from modserve.files import write_atomic, write_text_atomic
 LINES = {
     ("mixed", "native"): ("modserve mixed (native)", "-o"),
     ("delta_mixed", "native"): ("modserve delta packs (native)", "-.o"),
-    ("mixed", "vllm"): ("modserve mixed (vLLM)", "-s"),
+    ("mixed", "vllm"): ("modserve mixed (vLLM, language slices)", "-s"),
+    ("grouped_mixed", "vllm"): ("modserve grouped (vLLM, one step)", "--s"),
     ("lora_mixed", "vllm"): ("modserve LoRA adapters (vLLM)", "-.s"),
     ("swap_per_request", "native"): ("swap per request", "--^"),
     ("one_model_per_language", "native"): ("one model per language", ":D"),

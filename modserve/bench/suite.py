@@ -37,7 +37,8 @@ class BenchOptions:
     packs: dict[str, Path] = field(default_factory=dict)
     device: str = "auto"
     dtype: str = "auto"
-    backends: tuple[str, ...] = ("native", "vllm", "vllm-lora")  # vllm-lora: vLLM with pack_mode lora
+    # vllm-grouped / vllm-lora: vLLM with pack_mode grouped / lora
+    backends: tuple[str, ...] = ("native", "vllm", "vllm-grouped", "vllm-lora")
     vllm_args: dict = field(default_factory=dict)
     workdir: Path | None = None
     delta_rank: int | None = None  # None: the largest keeping resident + 4 delta packs ≤ 0.3 of 4 models
@@ -46,9 +47,9 @@ class BenchOptions:
         if self.quick:  # about 7 minutes on 2 shared CPU cores, every scenario (vLLM's LoRA: a third of it)
             self.model, self.num_requests, self.output_len = "tiny", 40, 24
             self.vllm_args = {"enforce_eager": True, **self.vllm_args}
-        unknown = set(self.backends) - {"native", "vllm", "vllm-lora"}
+        unknown = set(self.backends) - {"native", "vllm", "vllm-grouped", "vllm-lora"}
         if unknown:
-            raise ModserveError(f"--backend: {', '.join(sorted(unknown))} is not native, vllm or vllm-lora")
+            raise ModserveError(f"--backend: {', '.join(sorted(unknown))} is not native, vllm, vllm-grouped or vllm-lora")
         if self.model not in SPECS and self.resident is None:
             raise ModserveError(f"--model: {self.model!r} is not one of {', '.join(SPECS)}")
 
@@ -99,6 +100,9 @@ def run_suite(options: BenchOptions, console: Console | None = None) -> dict:
                 await attempt("vllm: ceiling", run.ceiling(setup, workload(max(counts)), prompts, "vllm"))
                 await attempt("vllm: mixed over every language count on one engine",
                               run.mixed_vllm(setup, [workload(n) for n in counts], prompts))
+            if "vllm-grouped" in available_backends(options):
+                await attempt("vllm: every language in each step (pack_mode grouped), every language count",
+                              run.mixed_vllm(setup, [workload(n) for n in counts], prompts, "grouped"))
             if "vllm-lora" in available_backends(options):
                 await attempt(f"vllm: packs as LoRA adapters (rank {setup.lora_rank or 'full'}), every language count",
                               run.mixed_vllm(setup, [workload(n) for n in counts], prompts, "lora"))
@@ -145,12 +149,14 @@ def ratios(results: list[run.ScenarioResult], router: dict, model: dict) -> dict
         ("native_mixed4_vs_ceiling", find(results, "mixed", "native", 4), native_ceiling),
         ("native_delta_mixed4_vs_ceiling", find(results, "delta_mixed", "native", 4), native_ceiling),
         ("vllm_mixed4_vs_ceiling", find(results, "mixed", "vllm", 4), vllm_ceiling),
+        ("vllm_grouped_mixed4_vs_ceiling", find(results, "grouped_mixed", "vllm", 4), vllm_ceiling),
         ("vllm_lora_mixed4_vs_ceiling", find(results, "lora_mixed", "vllm", 4), vllm_ceiling),
     ]:
         if row and ceiling:
             out[name] = row.tokens_per_s / ceiling.tokens_per_s
     for name, row in [
         ("vllm_mixed4_ttft_p99_vs_ceiling", find(results, "mixed", "vllm", 4)),
+        ("vllm_grouped_mixed4_ttft_p99_vs_ceiling", find(results, "grouped_mixed", "vllm", 4)),
         ("vllm_lora_mixed4_ttft_p99_vs_ceiling", find(results, "lora_mixed", "vllm", 4)),
     ]:
         if row and vllm_ceiling:

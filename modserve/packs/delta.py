@@ -47,13 +47,13 @@ def fit_record(factors: Factors, exact: Tensor) -> dict:
     }
 
 
-def exact_tensors(manifest: Manifest, tensors: Mapping[str, Tensor], resident: Checkpoint) -> dict[str, Tensor]:
-    """Any pack's tensors as whole HF-named tensors: a delta pack's factored linears become
-    W_res + B·A (in float32, cast to the resident's dtype), the rest are returned as stored.
-    This is what `merge` writes and what an engine without a delta path loads."""
+def stored_parts(manifest: Manifest, tensors: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, tuple[Tensor, Tensor]]]:
+    """A pack's replaced tensors as stored: those kept whole, and for each factored one its
+    (A, B) with Δ ≈ B·A (a delta pack's layer weights; none in an exact pack)."""
     if manifest.kind == "exact":
-        return dict(tensors)
+        return dict(tensors), {}
     whole: dict[str, Tensor] = {}
+    factors: dict[str, tuple[Tensor, Tensor]] = {}
     for name in manifest.replaced:
         if name in tensors:
             whole[name] = tensors[name]
@@ -61,8 +61,18 @@ def exact_tensors(manifest: Manifest, tensors: Mapping[str, Tensor], resident: C
         a_name, b_name = factor_names(name)
         if a_name not in tensors or b_name not in tensors:
             raise PackError(f"delta pack for {manifest.language}: factors of {name!r} missing")
+        factors[name] = (tensors[a_name], tensors[b_name])
+    return whole, factors
+
+
+def exact_tensors(manifest: Manifest, tensors: Mapping[str, Tensor], resident: Checkpoint) -> dict[str, Tensor]:
+    """Any pack's tensors as whole HF-named tensors: a delta pack's factored linears become
+    W_res + B·A (in float32, cast to the resident's dtype), the rest are returned as stored.
+    This is what `merge` writes and what an engine without a delta path loads."""
+    whole, factors = stored_parts(manifest, tensors)
+    for name, (a, b) in factors.items():
         base = resident.get(name)
-        product = tensors[b_name].float() @ tensors[a_name].float()
+        product = b.float() @ a.float()
         if product.shape != base.shape:
             raise PackError(
                 f"delta pack for {manifest.language}: factors of {name!r} give shape "

@@ -10,8 +10,9 @@ preempted request later resumes as prompt + generated tokens. Every request carr
 pack's `cache_salt`, so KV computed under one pack's layers is never reused under
 another's, and each language keeps its cached prefixes across swaps (no cache reset).
 
-With `engine.pack_mode: lora` none of that runs: the packs are LoRA adapters and every
-language shares each batch (`lora`).
+With `engine.pack_mode: grouped` none of that runs: every language shares each step, and
+in the layers a pack replaces each language's rows go through its own weights (`grouped`).
+With `engine.pack_mode: lora` the packs are LoRA adapters in one batch (`lora`).
 
 vLLM is imported when the engine starts, not with this module: importing it takes seconds.
 """
@@ -55,8 +56,8 @@ from modserve.engine.vllm.conversion import (
     vllm_logprobs,
     vllm_sampling_params,
 )
-from modserve.engine.vllm.lora import LoraPacks, OneBatch
-from modserve.engine.vllm.policy import LanguageGroups
+from modserve.engine.vllm.lora import LoraPacks
+from modserve.engine.vllm.policy import LanguageGroups, OneBatch
 from modserve.engine.vllm.requests import ChoiceRun, VllmRequest
 from modserve.engine.vllm.worker import EXTENSION
 from modserve.errors import ModserveError
@@ -90,7 +91,7 @@ class VllmEngine(Engine):
         self.dtype, self.max_batch_size, self._max_model_len = dtype, max_batch_size, max_model_len
         self.engine_args = dict(engine_args or {})
         self.pack_mode, self.lora_rank = pack_mode, lora_rank
-        self._groups = (OneBatch if pack_mode == "lora" else LanguageGroups)(group_time_slice, max_waiting)
+        self._groups = (LanguageGroups if pack_mode == "exact" else OneBatch)(group_time_slice, max_waiting)
         self._lora: LoraPacks | None = None  # pack_mode lora: the packs as adapters
         self._running: dict[str, VllmRequest] = {}
         self._failed: set[str] = set()  # languages whose pack does not serve
@@ -154,8 +155,9 @@ class VllmEngine(Engine):
         return not self._dead and not (self._llm is not None and self._llm.errored)
 
     def _observe_step(self, batch_size: int) -> None:
-        """The languages of the requests in vLLM now: one, unless slice admission is broken. A
-        step that only ends sequences already answered (vLLM reports a step late) is not counted."""
+        """The languages of the requests in vLLM now: one in language slices, up to every pack's
+        in pack_modes grouped and lora. A step that only ends sequences already answered (vLLM
+        reports a step late) is not counted."""
         languages = len({item.language for item in self._running.values()})
         if languages:
             self.observer.step(languages, batch_size)
@@ -207,6 +209,11 @@ class VllmEngine(Engine):
     def _engine_args(self, dtype: str) -> dict:
         if "worker_extension_cls" in self.engine_args:
             raise ModserveError("engine.vllm.worker_extension_cls: modserve sets it (packs are swapped by it)")
+        eager = {}
+        if self.pack_mode == "grouped":  # a compiled graph would freeze one step's split by language
+            if self.engine_args.get("enforce_eager", True) is not True:
+                raise ModserveError("engine.vllm.enforce_eager: pack_mode grouped runs eagerly; leave it unset or true")
+            eager = {"enforce_eager": True}
         return {
             "model": str(self.resident),
             "dtype": dtype,
@@ -214,6 +221,7 @@ class VllmEngine(Engine):
             "max_num_seqs": self.max_batch_size,
             "disable_log_stats": True,  # modserve's metrics; StepRecorder still sees every step
             **self.engine_args,
+            **eager,
             **(self._lora.engine_args() if self._lora else {}),
             "worker_extension_cls": EXTENSION,
             # compact JSON, as the native backend writes it (see engine.structured)
@@ -239,10 +247,17 @@ class VllmEngine(Engine):
             raise ModserveError(f"vLLM could not start on {self.resident}: {err}") from err
 
     async def _load_packs(self) -> None:
-        """Every worker reads and verifies every pack once and keeps it in host memory; a pack
-        that any worker refuses stays out of service with its reason, the others serve."""
+        """Every worker reads and verifies every pack once and keeps it in host memory (pack_mode
+        grouped: in the model, beside the resident's layers); a pack that any worker refuses
+        stays out of service with its reason, the others serve."""
         paths = {lang: str(path) for lang, path in self.packs.items()}
-        per_worker = await self._llm.collective_rpc("modserve_load_packs", args=(str(self.resident), paths))
+        if self.pack_mode == "grouped":
+            (grouped,) = await self._llm.collective_rpc("modserve_group_packs", args=(str(self.resident), paths))
+            if grouped["error"]:
+                raise ModserveError(grouped["error"])
+            per_worker = [grouped["packs"]]
+        else:
+            per_worker = await self._llm.collective_rpc("modserve_load_packs", args=(str(self.resident), paths))
         for language in sorted(paths):
             reports = [worker[language] for worker in per_worker]
             errors = [report["error"] for report in reports if "error" in report]
@@ -330,10 +345,10 @@ class VllmEngine(Engine):
             self._wake.set()  # a group may now admit again
 
     def stats(self) -> EngineStats:
-        """For vLLM the device tier is the pack whose layers the model holds now (every adapter
-        in pack_mode lora)."""
+        """For vLLM the device tier is the pack whose layers the model holds now (every pack in
+        pack_modes grouped and lora)."""
         serving = [lang for lang in self.languages if lang in self._pack_bytes]
-        on_device = [lang for lang in serving if self._lora or lang == self._groups.active]
+        on_device = [lang for lang in serving if self.pack_mode != "exact" or lang == self._groups.active]
         tiers = {
             "device": on_device,
             "host": [lang for lang in serving if lang not in on_device],
@@ -443,7 +458,7 @@ class VllmEngine(Engine):
         prompt = item.request.prompt_token_ids + run.tokens
         scores_prompt = run.submissions == 1 and run.indices[0] == 0 and item.request.params.prompt_logprobs is not None
         params = vllm_sampling_params(item.request.params, item.max_tokens, run.seed, len(run.tokens), scores_prompt)
-        vllm_id = f"{item.id}-{run.indices[0]}-{run.submissions}"
+        vllm_id = f"{item.language}:{item.id}-{run.indices[0]}-{run.submissions}"  # the language first: `grouped`
         try:
             lora = self._lora.request(item.language) if self._lora else None
             async for out in self._llm.generate(tokens_input(prompt, cache_salt=item.salt), params, vllm_id, lora_request=lora):

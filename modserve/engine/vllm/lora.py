@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from modserve.checkpoint import Checkpoint
-from modserve.engine.vllm.policy import LanguageGroups, Waiting
 from modserve.errors import ModserveError
 from modserve.languages import RESIDENT
 from modserve.packs.lora import ADAPTER_WEIGHTS, Adapter, export_lora, full_rank
@@ -102,17 +101,3 @@ class LoraPacks:
     def close(self) -> None:
         shutil.rmtree(self.root, ignore_errors=True)
 
-
-class OneBatch(LanguageGroups):
-    """Admission when every language shares the model: first come, first served across all
-    queues; no slice ever ends and the model never needs another group's layers."""
-
-    def slice_ends_at(self) -> float | None:
-        return None
-
-    def pop_admissible(self) -> Waiting | None:
-        heads = [queue for queue in self.queues.values() if queue]
-        return min(heads, key=lambda queue: queue[0].arrival).popleft() if heads else None
-
-    def next_group(self) -> str | None:
-        return None

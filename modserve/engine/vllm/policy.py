@@ -105,3 +105,18 @@ class LanguageGroups:
 
     def by_language(self) -> dict[str, int]:
         return {lang: len(queue) for lang, queue in self.queues.items() if queue}
+
+
+class OneBatch(LanguageGroups):
+    """Admission when every language shares each step (pack_modes grouped and lora): first
+    come, first served across all queues; no slice ever ends, no swap is ever needed."""
+
+    def slice_ends_at(self) -> float | None:
+        return None
+
+    def pop_admissible(self) -> Waiting | None:
+        heads = [queue for queue in self.queues.values() if queue]
+        return min(heads, key=lambda queue: queue[0].arrival).popleft() if heads else None
+
+    def next_group(self) -> str | None:
+        return None

@@ -1,0 +1,265 @@
+"""`engine.pack_mode: grouped`: every language in one vLLM step, each row through its own pack's layers.
+
+A swapped layer differs from the resident's only in its linears and norms; attention has
+no weights. So in each layer a pack replaces, every linear and norm is wrapped
+(`GroupedModule`): the step's rows are split by their request's language, a language's
+rows run through a copy of the module that holds its pack's weights, the resident's rows
+through the original. The copies are made by vLLM's own weight processing, so the same
+kernels run (oneDNN on CPU). Attention, rotary embeddings, the KV cache and every layer no
+pack touches run once over the whole batch: a mixed step reads the shared layers once,
+the native backend's design, and no language ever waits for another's slice.
+
+A row's language comes from its request id (`language:…`, set by the engine) and vLLM's
+token-to-request map for the step (`StepLanguages`). That needs eager execution (a compiled
+graph would freeze one step's split) and one worker (the copies hold unsharded weights).
+
+This module is imported inside vLLM's worker; `worker.PackSwapExtension` calls `group_packs`.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from modserve.checkpoint import Checkpoint
+from modserve.engine.native.model import LowRank
+from modserve.errors import ModserveError
+from modserve.packs.delta import stored_parts
+
+# Modules whose input rows are the step's tokens (a per-head norm, like Qwen3's q_norm, is not).
+TOKEN_ROW_MODULES = frozenset({
+    "qkv_proj", "q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "gate_proj", "up_proj", "down_proj",
+    "input_layernorm", "post_attention_layernorm",
+})  # fmt: skip
+RESIDENT_GROUP = 0
+
+
+class UnsupportedPackError(ModserveError):
+    """A pack whose tensors cannot run per language in a shared step."""
+
+
+def request_language(request_id: str) -> str:
+    """The language the engine put at the head of a vLLM request id."""
+    return request_id.partition(":")[0]
+
+
+class StepLanguages:
+    """Which rows of the running step belong to which language: worked out once per forward
+    pass (vLLM sets a new forward context for each) from vLLM's token-to-request map."""
+
+    def __init__(self, runner, languages: list[str]):
+        self._runner = runner
+        self._index = {language: i + 1 for i, language in enumerate(languages)}
+        self._context = None
+        self._groups: list[tuple[int, torch.Tensor | None]] = []
+
+    def groups(self, rows: int) -> list[tuple[int, torch.Tensor | None]]:
+        """[(group, row indices)]; a step of one language is [(group, None)]: all rows."""
+        from vllm.forward_context import get_forward_context, is_forward_context_available
+
+        context = get_forward_context() if is_forward_context_available() else None
+        if context is None or context is not self._context:
+            self._context, self._groups = context, self._split(rows)
+        return self._groups
+
+    def _split(self, rows: int) -> list[tuple[int, torch.Tensor | None]]:
+        batch, runner = self._runner.input_batch, self._runner
+        requests = batch.num_reqs
+        scheduled = int(runner.query_start_loc.np[requests]) if requests else 0
+        if not requests or scheduled > rows:  # a dummy run (start-up, profiling): nothing of ours
+            return [(RESIDENT_GROUP, None)]
+        per_request = np.array([self._index.get(request_language(r), RESIDENT_GROUP) for r in batch.req_ids[:requests]])
+        per_row = np.full(rows, RESIDENT_GROUP)  # rows past the scheduled tokens are padding
+        per_row[:scheduled] = per_request[runner.req_indices.np[:scheduled]]
+        present = np.unique(per_row)
+        if len(present) == 1:
+            return [(int(present[0]), None)]
+        return [(int(g), torch.from_numpy(np.flatnonzero(per_row == g)).to(runner.device)) for g in present]
+
+
+def merge_rows(parts: list[tuple[torch.Tensor, object]], rows: int):
+    """Each group's outputs (a tensor, or a tuple of tensors and Nones) back into batch order."""
+    sample = parts[0][1]
+    if isinstance(sample, tuple):
+        return tuple(
+            None if part is None else merge_rows([(idx, out[i]) for idx, out in parts], rows)
+            for i, part in enumerate(sample)
+        )
+    merged = sample.new_empty((rows, *sample.shape[1:]))
+    for idx, out in parts:
+        merged[idx] = out
+    return merged
+
+
+@dataclass
+class ModuleChange:
+    """What a pack changes in one vLLM module: parameters it replaces (run in a copy), or, for
+    a delta pack's linear, Δ ≈ B·A (added to the resident's output) and its bias change."""
+
+    params: dict[str, torch.Tensor] = field(default_factory=dict)
+    delta: LowRank | None = None
+    bias_delta: torch.Tensor | None = None
+
+
+class GroupedModule(nn.Module):
+    """A linear or norm of a swapped layer: each language's rows through its own copy, or
+    through the original plus its low-rank change. The original and the copies are held, not
+    registered, so the model's parameter names stay."""
+
+    def __init__(self, base: nn.Module, languages: StepLanguages):
+        super().__init__()
+        self._base = base
+        self._copies: dict[int, nn.Module] = {}
+        self._deltas: dict[int, tuple[LowRank, torch.Tensor | None]] = {}
+        self._languages = languages
+
+    def add(self, group: int, change: ModuleChange, device, dtype) -> None:
+        if change.params:
+            self._copies[group] = module_copy(self._base, change.params, device, dtype)
+        if change.delta is not None:
+            on = {"device": device, "dtype": dtype}
+            bias = None if change.bias_delta is None else change.bias_delta.to(**on)
+            self._deltas[group] = (LowRank(change.delta.a.to(**on), change.delta.b.to(**on)), bias)
+
+    def forward(self, x: torch.Tensor, *rest: torch.Tensor):
+        groups = self._languages.groups(x.shape[0])
+        own = [(g, idx) for g, idx in groups if g in self._copies]
+        if not own:
+            out = self._base(x, *rest)
+        elif len(groups) == 1:
+            return self._copies[groups[0][0]](x, *rest)
+        else:
+            shared = [idx for g, idx in groups if g not in self._copies]
+            parts = [(idx, self._copies[g](x[idx], *(r[idx] for r in rest))) for g, idx in own]
+            if shared:
+                idx = torch.cat(shared)
+                parts.append((idx, self._base(x[idx], *(r[idx] for r in rest))))
+            out = merge_rows(parts, x.shape[0])
+        for g, idx in groups:
+            if g in self._deltas:
+                y = out[0]  # a linear's (output, bias)
+                rows = slice(None) if idx is None else idx
+                y[rows] += low_rank_change(x[rows], *self._deltas[g])
+        return out
+
+
+def low_rank_change(x: torch.Tensor, delta: LowRank, bias: torch.Tensor | None) -> torch.Tensor:
+    change = F.linear(F.linear(x, delta.a), delta.b)
+    return change if bias is None else change + bias
+
+
+def module_changes(model: nn.Module, manifest, stored: dict[str, torch.Tensor], resident: Checkpoint) -> dict[str, ModuleChange]:
+    """{vLLM module path: change} for a pack's HF-named tensors, stacked as vLLM stacks q/k/v
+    and gate/up: whole tensors concatenated (a shard the pack leaves out is the resident's),
+    factors as one A over the shared input and a block-diagonal B (a shard left out: no change)."""
+    whole, factors = stored_parts(manifest, stored)
+    changes: dict[str, ModuleChange] = defaultdict(ModuleChange)
+    for path, _, names in by_module(model, factors):
+        parts = [factors.get(name) for name in names]
+        width = next(part for part in parts if part)[0].shape[1]
+        a = torch.cat([part[0].float() if part else torch.zeros(0, width) for part in parts])
+        b = torch.block_diag(*[
+            part[1].float() if part else torch.zeros(resident.get(name).shape[0], 0) for name, part in zip(names, parts, strict=True)
+        ])  # fmt: skip
+        changes[path].delta = LowRank(a, b)
+    for path, param, names in by_module(model, whole):
+        tensor = torch.cat([whole[name] if name in whole else resident.get(name) for name in names])
+        if param == "bias" and changes[path].delta is not None:
+            changes[path].bias_delta = tensor.float() - torch.cat([resident.get(name) for name in names]).float()
+        else:
+            changes[path].params[param] = tensor
+    return dict(changes)
+
+
+def by_module(model: nn.Module, names) -> list[tuple[str, str, list[str]]]:
+    """(vLLM module path, parameter, the HF tensor names stacked into it, in vLLM's order) for
+    every module the named tensors belong to."""
+    mapping = getattr(model, "packed_modules_mapping", {})
+    stacked = {shard: packed for packed, shards in mapping.items() for shard in shards}
+    modules: dict[tuple[str, str], list[str]] = {}
+    for name in names:
+        path, _, param = name.rpartition(".")
+        prefix, _, leaf = path.rpartition(".")
+        if leaf in stacked and not has_module(model, path):
+            packed = stacked[leaf]
+            modules[(f"{prefix}.{packed}", param)] = [f"{prefix}.{shard}.{param}" for shard in mapping[packed]]
+        else:
+            modules[(path, param)] = [name]
+    return [(path, param, stack) for (path, param), stack in modules.items()]
+
+
+def has_module(model: nn.Module, path: str) -> bool:
+    try:
+        model.get_submodule(path)
+    except AttributeError:
+        return False
+    return True
+
+
+def checked_module(model: nn.Module, path: str, change: ModuleChange) -> nn.Module:
+    """The vLLM module a change is for, if its rows are tokens and the change fits it."""
+    from vllm.model_executor.layers.layernorm import RMSNorm
+    from vllm.model_executor.layers.linear import LinearBase, UnquantizedLinearMethod
+
+    names = ", ".join(f"{path}.{p}" for p in sorted(change.params) + (["weight (factors)"] if change.delta else []))
+    if path.rpartition(".")[2] not in TOKEN_ROW_MODULES or not has_module(model, path):
+        raise UnsupportedPackError(f"{names}: not a linear or norm of a decoder layer")
+    module = model.get_submodule(path)
+    linear = isinstance(module, LinearBase) and isinstance(module.quant_method, UnquantizedLinearMethod)
+    if not (linear and not module.skip_bias_add) and (type(module) is not RMSNorm or change.delta is not None):
+        raise UnsupportedPackError(f"{names}: vLLM runs it as {type(module).__name__}, not a plain linear or RMSNorm")
+    shapes = {param: tuple(tensor.shape) for param, tensor in change.params.items()}
+    if change.delta is not None:
+        shapes["weight"] = (change.delta.b.shape[0], change.delta.a.shape[1])
+    if change.bias_delta is not None:
+        shapes["bias"] = tuple(change.bias_delta.shape)
+    for param, shape in shapes.items():
+        expected = None
+        if linear and param == "weight":
+            expected = (module.output_size_per_partition, module.input_size_per_partition)
+        elif isinstance(getattr(module, param, None), torch.Tensor):
+            expected = tuple(getattr(module, param).shape)
+        if shape != expected:
+            raise UnsupportedPackError(f"{path}.{param}: shape {list(shape)}, the model's is {expected}")
+    return module
+
+
+def module_copy(base: nn.Module, params: dict[str, torch.Tensor], device, dtype) -> nn.Module:
+    """The module with a pack's weights, processed as vLLM processes loaded weights."""
+    clone = copy.deepcopy(base)
+    for name, tensor in params.items():
+        setattr(clone, name, nn.Parameter(tensor.to(device=device, dtype=dtype).contiguous(), requires_grad=False))
+    quant_method = getattr(clone, "quant_method", None)
+    if quant_method is not None:
+        quant_method.process_weights_after_loading(clone)
+    return clone
+
+
+def group_packs(runner, packs: dict[str, tuple], resident: Checkpoint, dtype) -> StepLanguages:
+    """Wrap every module any pack changes and give it each pack's change; `packs` holds each
+    language's verified (manifest, stored tensors). Every pack is checked before the model is
+    touched, so a pack that cannot run leaves it as it was."""
+    model = runner.get_model()
+    plans = {}
+    for language, (manifest, stored) in packs.items():
+        changes = module_changes(model, manifest, stored, resident)
+        try:
+            plans[language] = [(path, checked_module(model, path, change), change) for path, change in changes.items()]
+        except UnsupportedPackError as err:
+            raise UnsupportedPackError(f"packs.{language}: pack_mode grouped cannot run {err}") from None
+    languages = StepLanguages(runner, sorted(packs))
+    wrappers: dict[str, GroupedModule] = {}
+    for group, language in enumerate(sorted(packs), start=1):
+        for path, base, change in plans[language]:
+            if path not in wrappers:
+                wrappers[path] = GroupedModule(base, languages)
+                parent, _, leaf = path.rpartition(".")
+                setattr(model.get_submodule(parent), leaf, wrappers[path])
+            wrappers[path].add(group, change, runner.device, dtype)
+    return languages

