@@ -101,6 +101,7 @@ def test_ratios_compare_delta_grouped_and_lora_rows_with_their_ceilings_and_read
         row("swap_per_request", "native", 4, 100.0, 100),
         row("ceiling", "vllm", 1, 800.0, ttft_p99_ms=200.0), row("mixed", "vllm", 4, 600.0, ttft_p99_ms=900.0),
         row("lora_mixed", "vllm", 4, 200.0, ttft_p99_ms=300.0), row("grouped_mixed", "vllm", 4, 720.0, ttft_p99_ms=260.0),
+        row("grouped_delta_mixed", "vllm", 4, 760.0, ttft_p99_ms=240.0),
     ]
     fidelity = {"sw": {"measured": True, "tokens": 300, "top1_agreement": 0.9, "kl_mean": 0.01},
                 "te": {"measured": True, "tokens": 100, "top1_agreement": 0.5, "kl_mean": 0.05},
@@ -112,6 +113,7 @@ def test_ratios_compare_delta_grouped_and_lora_rows_with_their_ceilings_and_read
     assert out["vllm_mixed4_vs_ceiling"] == 0.75 and out["vllm_lora_mixed4_vs_ceiling"] == 0.25
     assert out["vllm_mixed4_ttft_p99_vs_ceiling"] == 4.5 and out["vllm_lora_mixed4_ttft_p99_vs_ceiling"] == 1.5
     assert out["vllm_grouped_mixed4_vs_ceiling"] == 0.9 and out["vllm_grouped_mixed4_ttft_p99_vs_ceiling"] == 1.3
+    assert out["vllm_grouped_delta_mixed4_vs_ceiling"] == 0.95 and out["vllm_grouped_delta_mixed4_ttft_p99_vs_ceiling"] == 1.2
     assert out["delta_top1_agreement"] == pytest.approx(0.8) and out["delta_kl_mean"] == pytest.approx(0.02)
     assert out["native_mixed4_vs_swap_per_request4"] == 2.5
     without = ratios(results[:5], {}, {**model, "delta": {"rank": 96, "fidelity": {}}})

@@ -12,6 +12,7 @@ LINES = {
     ("delta_mixed", "native"): ("modserve delta packs (native)", "-.o"),
     ("mixed", "vllm"): ("modserve mixed (vLLM, language slices)", "-s"),
     ("grouped_mixed", "vllm"): ("modserve grouped (vLLM, one step)", "--s"),
+    ("grouped_delta_mixed", "vllm"): ("modserve grouped, delta packs (vLLM)", ":s"),
     ("lora_mixed", "vllm"): ("modserve LoRA adapters (vLLM)", "-.s"),
     ("swap_per_request", "native"): ("swap per request", "--^"),
     ("one_model_per_language", "native"): ("one model per language", ":D"),

@@ -3,7 +3,8 @@
 - ceiling: one merged checkpoint serving the widest mix's requests — the best case;
 - mixed: the resident plus N packs, mixed-language traffic (native; vLLM when installed);
 - delta_mixed: the same with delta packs (native: resident weights plus B·(A·x) per language);
-- grouped_mixed: vLLM with every language in each step (`engine.pack_mode: grouped`);
+- grouped_mixed, grouped_delta_mixed: vLLM with every language in each step
+  (`engine.pack_mode: grouped`), exact or delta packs;
 - lora_mixed: vLLM with the packs as LoRA adapters (`engine.pack_mode: lora`), one batch;
 - swap_per_request: the naive baseline — one pack slot, nothing kept in host memory, one
   language at a time: every change of language reloads the swapped layers from disk;
@@ -29,7 +30,10 @@ from modserve.engine import create_engine
 from modserve.engine.base import RESIDENT, Engine, GenerationRequest, SamplingParams
 from modserve.engine.loading import chat_token_ids
 
-VLLM_SCENARIOS = {"exact": "mixed", "grouped": "grouped_mixed", "lora": "lora_mixed"}  # by engine.pack_mode
+VLLM_SCENARIOS = {  # by engine.pack_mode and the kind of packs
+    ("exact", "exact"): "mixed", ("grouped", "exact"): "grouped_mixed", ("grouped", "delta"): "grouped_delta_mixed",
+    ("lora", "exact"): "lora_mixed",
+}
 
 
 @dataclass
@@ -315,15 +319,18 @@ async def mixed(setup: Setup, workload: Workload, prompts, kind: str = "exact") 
     return summarize(scenario, "native", workload, timings, seconds, observer, memory, weights)
 
 
-async def mixed_vllm(setup: Setup, workloads: list[Workload], prompts, pack_mode: str = "exact") -> list[ScenarioResult]:
+async def mixed_vllm(
+    setup: Setup, workloads: list[Workload], prompts, pack_mode: str = "exact", kind: str = "exact"
+) -> list[ScenarioResult]:
     """vLLM: one engine with every pack serves each workload in turn — its start-up is slow, and
     its memory lives in vLLM's own process (reported as weights, not as this process's peak).
-    `pack_mode: grouped` shares each step between languages; `pack_mode: lora` serves the
-    packs as LoRA adapters of rank `setup.lora_rank`."""
+    `pack_mode: grouped` shares each step between languages (`kind`: its exact or delta
+    packs); `pack_mode: lora` serves the packs as LoRA adapters of rank `setup.lora_rank`."""
     observer = Counting()
     mode = {"pack_mode": pack_mode} | ({"lora_rank": setup.lora_rank} if pack_mode == "lora" else {})
-    engine = await start(setup.config(setup.resident, setup.packs, "vllm", **mode), observer)
-    scenario = VLLM_SCENARIOS[pack_mode]
+    packs = setup.delta_packs if kind == "delta" else setup.packs
+    engine = await start(setup.config(setup.resident, packs, "vllm", **mode), observer)
+    scenario = VLLM_SCENARIOS[pack_mode, kind]
     results = []
     try:
         stats = engine.stats()

@@ -103,6 +103,9 @@ def run_suite(options: BenchOptions, console: Console | None = None) -> dict:
             if "vllm-grouped" in available_backends(options):
                 await attempt("vllm: every language in each step (pack_mode grouped), every language count",
                               run.mixed_vllm(setup, [workload(n) for n in counts], prompts, "grouped"))
+                if setup.delta_packs:
+                    await attempt(f"vllm: pack_mode grouped with delta packs (rank {model['delta']['rank']})",
+                                  run.mixed_vllm(setup, [workload(n) for n in counts], prompts, "grouped", "delta"))
             if "vllm-lora" in available_backends(options):
                 await attempt(f"vllm: packs as LoRA adapters (rank {setup.lora_rank or 'full'}), every language count",
                               run.mixed_vllm(setup, [workload(n) for n in counts], prompts, "lora"))
@@ -150,6 +153,7 @@ def ratios(results: list[run.ScenarioResult], router: dict, model: dict) -> dict
         ("native_delta_mixed4_vs_ceiling", find(results, "delta_mixed", "native", 4), native_ceiling),
         ("vllm_mixed4_vs_ceiling", find(results, "mixed", "vllm", 4), vllm_ceiling),
         ("vllm_grouped_mixed4_vs_ceiling", find(results, "grouped_mixed", "vllm", 4), vllm_ceiling),
+        ("vllm_grouped_delta_mixed4_vs_ceiling", find(results, "grouped_delta_mixed", "vllm", 4), vllm_ceiling),
         ("vllm_lora_mixed4_vs_ceiling", find(results, "lora_mixed", "vllm", 4), vllm_ceiling),
     ]:
         if row and ceiling:
@@ -157,6 +161,7 @@ def ratios(results: list[run.ScenarioResult], router: dict, model: dict) -> dict
     for name, row in [
         ("vllm_mixed4_ttft_p99_vs_ceiling", find(results, "mixed", "vllm", 4)),
         ("vllm_grouped_mixed4_ttft_p99_vs_ceiling", find(results, "grouped_mixed", "vllm", 4)),
+        ("vllm_grouped_delta_mixed4_ttft_p99_vs_ceiling", find(results, "grouped_delta_mixed", "vllm", 4)),
         ("vllm_lora_mixed4_ttft_p99_vs_ceiling", find(results, "lora_mixed", "vllm", 4)),
     ]:
         if row and vllm_ceiling:

@@ -143,7 +143,7 @@ class GroupedModule(nn.Module):
             out = merge_rows(parts, x.shape[0])
         for g, idx in groups:
             if g in self._deltas:
-                y = out[0]  # a linear's (output, bias)
+                y = out[0] if isinstance(out, tuple) else out  # a linear's (output, bias) or output
                 rows = slice(None) if idx is None else idx
                 y[rows] += low_rank_change(x[rows], *self._deltas[g])
         return out
@@ -156,20 +156,17 @@ def low_rank_change(x: torch.Tensor, delta: LowRank, bias: torch.Tensor | None) 
 
 def module_changes(model: nn.Module, manifest, stored: dict[str, torch.Tensor], resident: Checkpoint) -> dict[str, ModuleChange]:
     """{vLLM module path: change} for a pack's HF-named tensors, stacked as vLLM stacks q/k/v
-    and gate/up: whole tensors concatenated (a shard the pack leaves out is the resident's),
-    factors as one A over the shared input and a block-diagonal B (a shard left out: no change)."""
+    and gate/up: whole tensors concatenated, factors as one A over the shared input and a
+    block-diagonal B."""
     whole, factors = stored_parts(manifest, stored)
     changes: dict[str, ModuleChange] = defaultdict(ModuleChange)
     for path, _, names in by_module(model, factors):
-        parts = [factors.get(name) for name in names]
-        width = next(part for part in parts if part)[0].shape[1]
-        a = torch.cat([part[0].float() if part else torch.zeros(0, width) for part in parts])
-        b = torch.block_diag(*[
-            part[1].float() if part else torch.zeros(resident.get(name).shape[0], 0) for name, part in zip(names, parts, strict=True)
-        ])  # fmt: skip
-        changes[path].delta = LowRank(a, b)
+        changes[path].delta = LowRank(
+            a=torch.cat([factors[name][0].float() for name in names]),
+            b=torch.block_diag(*[factors[name][1].float() for name in names]),
+        )
     for path, param, names in by_module(model, whole):
-        tensor = torch.cat([whole[name] if name in whole else resident.get(name) for name in names])
+        tensor = torch.cat([whole[name] for name in names])
         if param == "bias" and changes[path].delta is not None:
             changes[path].bias_delta = tensor.float() - torch.cat([resident.get(name) for name in names]).float()
         else:
@@ -177,13 +174,14 @@ def module_changes(model: nn.Module, manifest, stored: dict[str, torch.Tensor], 
     return dict(changes)
 
 
-def by_module(model: nn.Module, names) -> list[tuple[str, str, list[str]]]:
+def by_module(model: nn.Module, tensors: dict) -> list[tuple[str, str, list[str]]]:
     """(vLLM module path, parameter, the HF tensor names stacked into it, in vLLM's order) for
-    every module the named tensors belong to."""
+    every module the named tensors belong to; a stacked module must get every shard (a pack
+    holds whole layers)."""
     mapping = getattr(model, "packed_modules_mapping", {})
     stacked = {shard: packed for packed, shards in mapping.items() for shard in shards}
     modules: dict[tuple[str, str], list[str]] = {}
-    for name in names:
+    for name in tensors:
         path, _, param = name.rpartition(".")
         prefix, _, leaf = path.rpartition(".")
         if leaf in stacked and not has_module(model, path):
@@ -191,6 +189,11 @@ def by_module(model: nn.Module, names) -> list[tuple[str, str, list[str]]]:
             modules[(f"{prefix}.{packed}", param)] = [f"{prefix}.{shard}.{param}" for shard in mapping[packed]]
         else:
             modules[(path, param)] = [name]
+    for stack in modules.values():
+        missing = [name for name in stack if name not in tensors]
+        if missing:
+            present = ", ".join(name for name in stack if name not in missing)
+            raise UnsupportedPackError(f"{', '.join(missing)}: missing, and vLLM stacks it with {present}")
     return [(path, param, stack) for (path, param), stack in modules.items()]
 
 
@@ -248,8 +251,8 @@ def group_packs(runner, packs: dict[str, tuple], resident: Checkpoint, dtype) ->
     model = runner.get_model()
     plans = {}
     for language, (manifest, stored) in packs.items():
-        changes = module_changes(model, manifest, stored, resident)
         try:
+            changes = module_changes(model, manifest, stored, resident)
             plans[language] = [(path, checked_module(model, path, change), change) for path, change in changes.items()]
         except UnsupportedPackError as err:
             raise UnsupportedPackError(f"packs.{language}: pack_mode grouped cannot run {err}") from None
