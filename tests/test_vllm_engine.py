@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib.util
 from dataclasses import dataclass
 
@@ -83,21 +84,43 @@ def oracle(merged, extra_packs) -> dict:
 async def engine(demo, extra_packs):
     """One engine for the module (start-up is the slow part), its engine core in one process."""
     packs = {**demo.packs, **{lang: extra_packs[lang] for lang in ("fr", "th", "de")}}
+    engine = VllmEngine(
+        demo.resident, packs, dtype="float32", max_batch_size=4, max_model_len=512,
+        group_time_slice=0.05, engine_args={"enforce_eager": True},
+    )
+    async with running_in_process(engine):
+        yield engine
+
+
+@contextlib.asynccontextmanager
+async def running_in_process(engine: VllmEngine):
+    """The engine started with vLLM's engine core in this process (and a RecordingObserver);
+    once it has shut down, none of the processes it started may be left."""
+    before = child_processes()  # another engine's, still running
     with pytest.MonkeyPatch.context() as env:
         env.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-        engine = VllmEngine(
-            demo.resident, packs, dtype="float32", max_batch_size=4, max_model_len=512,
-            group_time_slice=0.05, engine_args={"enforce_eager": True},
-        )
         engine.observer = RecordingObserver()
         await engine.start()
-        yield engine
-        await engine.shutdown()
+        try:
+            yield engine
+        finally:
+            await engine.shutdown()
     for _ in range(100):  # they exit on their own after shutdown returns: give them a moment
-        if not child_processes():
+        if child_processes() <= before:
             break
         await asyncio.sleep(0.1)
-    assert not child_processes(), "vLLM's processes outlived shutdown"
+    assert child_processes() <= before, "vLLM's processes outlived shutdown"
+
+
+async def assert_one_batch_of_every_language_equals_the_merges(engine: VllmEngine, oracle, batch, new_tokens: int) -> None:
+    """pack_modes grouped and lora: `batch` [(language, prompt)] sent at once runs with every
+    language in vLLM together, no swap, each request's greedy tokens its merge's."""
+    steps_before = len(engine.observer.steps)
+    got = await asyncio.gather(*(greedy(engine, f"mixed-{k}", lang, p, new_tokens) for k, (lang, p) in enumerate(batch)))
+    for (lang, prompt), tokens in zip(batch, got, strict=True):
+        assert tokens == hf_greedy(oracle[lang], prompt, new_tokens), lang
+    assert engine.observer.swaps == []
+    assert max(languages for languages, _ in engine.observer.steps[steps_before:]) == len({lang for lang, _ in batch})
 
 
 def child_processes() -> set[int]:

