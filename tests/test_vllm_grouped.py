@@ -103,21 +103,3 @@ async def test_grouped_is_refused_where_it_cannot_take_effect(demo):
         load_serve_config(flags={"engine": {"pack_mode": "grouped"}})
     assert load_serve_config(flags={"engine": {"backend": "vllm", "pack_mode": "grouped"}}).engine.pack_mode == "grouped"
 
-
-def test_q_k_v_and_gate_up_are_stacked_in_vllms_order_and_a_missing_shard_is_named():
-    from torch import nn
-
-    from modserve.engine.vllm.grouped import UnsupportedPackError, by_module
-
-    attention = nn.Module()
-    attention.qkv_proj, attention.o_proj = nn.Linear(4, 12), nn.Linear(4, 4)
-    model = nn.Module()
-    model.packed_modules_mapping = {"qkv_proj": ["q_proj", "k_proj", "v_proj"]}
-    model.attn = attention
-    names = ["attn.v_proj.weight", "attn.q_proj.weight", "attn.k_proj.weight", "attn.o_proj.weight"]
-    assert sorted(by_module(model, dict.fromkeys(names))) == [
-        ("attn.o_proj", "weight", ["attn.o_proj.weight"]),
-        ("attn.qkv_proj", "weight", ["attn.q_proj.weight", "attn.k_proj.weight", "attn.v_proj.weight"]),
-    ]
-    with pytest.raises(UnsupportedPackError, match=r"attn\.k_proj\.weight: missing, and vLLM stacks it with attn\.q_proj"):
-        by_module(model, dict.fromkeys(["attn.q_proj.weight", "attn.v_proj.weight"]))
