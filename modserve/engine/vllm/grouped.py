@@ -83,6 +83,10 @@ class StepLanguages:
         return [(int(g), torch.from_numpy(np.flatnonzero(per_row == g)).to(runner.device)) for g in present]
 
 
+def rows_of(tensors: tuple[torch.Tensor, ...], idx: torch.Tensor) -> list[torch.Tensor]:
+    return [t.index_select(0, idx) for t in tensors]
+
+
 def merge_rows(parts: list[tuple[torch.Tensor, object]], rows: int):
     """Each group's outputs (a tensor, or a tuple of tensors and Nones) back into batch order."""
     sample = parts[0][1]
@@ -93,7 +97,7 @@ def merge_rows(parts: list[tuple[torch.Tensor, object]], rows: int):
         )
     merged = sample.new_empty((rows, *sample.shape[1:]))
     for idx, out in parts:
-        merged[idx] = out
+        merged.index_copy_(0, idx, out)  # faster than merged[idx] = out on CPU
     return merged
 
 
@@ -136,16 +140,18 @@ class GroupedModule(nn.Module):
             return self._copies[groups[0][0]](x, *rest)
         else:
             shared = [idx for g, idx in groups if g not in self._copies]
-            parts = [(idx, self._copies[g](x[idx], *(r[idx] for r in rest))) for g, idx in own]
+            parts = [(idx, self._copies[g](*rows_of((x, *rest), idx))) for g, idx in own]
             if shared:
                 idx = torch.cat(shared)
-                parts.append((idx, self._base(x[idx], *(r[idx] for r in rest))))
+                parts.append((idx, self._base(*rows_of((x, *rest), idx))))
             out = merge_rows(parts, x.shape[0])
         for g, idx in groups:
             if g in self._deltas:
                 y = out[0] if isinstance(out, tuple) else out  # a linear's (output, bias) or output
-                rows = slice(None) if idx is None else idx
-                y[rows] += low_rank_change(x[rows], *self._deltas[g])
+                if idx is None:
+                    y += low_rank_change(x, *self._deltas[g])
+                else:
+                    y.index_add_(0, idx, low_rank_change(x.index_select(0, idx), *self._deltas[g]))
         return out
 
 
