@@ -17,10 +17,11 @@ from modserve.packs.build import BuildJob, build_packs
 from modserve.packs.lowrank import RankChoice
 from modserve.packs.merge import merge_pack
 from modserve.packs.plan import Plan
-from tests.engine_helpers import chat_ids, greedy
+from tests.engine_helpers import chat_ids, collect, greedy
 from tests.oracle import hf_greedy
 from tests.test_vllm_engine import (
     assert_one_batch_of_every_language_equals_the_merges,
+    request,
     running_in_process,
 )
 
@@ -70,6 +71,18 @@ async def test_each_language_alone_equals_its_merged_checkpoint(engine, oracle):
         assert await greedy(engine, f"alone-{k}", lang, prompt, NEW_TOKENS) == hf_greedy(oracle[lang], prompt, NEW_TOKENS), lang
 
 
+async def test_languages_sharing_steps_never_share_kv_and_a_reset_forgets_every_prefix(engine, oracle):
+    prompt = chat_ids(engine, "the same prompt each time, " * 12)  # > 2 KV blocks
+    asks = [("c1", "sw"), ("c2", "ja"), ("c3", "sw")]
+    first, other, again = [await collect(engine, request(rid, lang, prompt, max_tokens=NEW_TOKENS)) for rid, lang in asks]
+    assert first["tokens"][0] == again["tokens"][0] == hf_greedy(oracle["sw"], prompt, NEW_TOKENS)
+    assert other["tokens"][0] == hf_greedy(oracle["ja"], prompt, NEW_TOKENS)
+    assert other["cached"] == 0 and again["cached"] >= 256  # ja never reads sw's KV (another cache salt)
+    await engine.reset_prefix_cache()
+    after = await collect(engine, request("c4", "sw", prompt, max_tokens=NEW_TOKENS))
+    assert after["cached"] == 0 and after["tokens"][0] == first["tokens"][0]
+
+
 async def test_exact_and_delta_packs_with_biases_equal_their_merges_in_one_batch(tmp_path):
     """Qwen2: q/k/v biases, stacked by vLLM; the delta pack's bias change rides with its factors."""
     family = build_family(tmp_path / "qwen", TinySpec(arch="qwen2", num_layers=6, seed=5), ("sw", "te"))
@@ -99,6 +112,8 @@ async def test_a_pack_with_tensors_outside_the_layers_stops_the_start_naming_it(
 async def test_grouped_is_refused_where_it_cannot_take_effect(demo):
     with pytest.raises(ModserveError, match="engine.vllm.enforce_eager"):
         await grouped_engine(demo, demo.packs, enforce_eager=False).start()
+    with pytest.raises(ModserveError, match="engine.vllm.tensor_parallel_size: pack_mode grouped runs on one worker"):
+        await grouped_engine(demo, demo.packs, tensor_parallel_size=2).start()
     with pytest.raises(ModserveError, match="pack_mode: grouped needs backend: vllm"):
         load_serve_config(flags={"engine": {"pack_mode": "grouped"}})
     assert load_serve_config(flags={"engine": {"backend": "vllm", "pack_mode": "grouped"}}).engine.pack_mode == "grouped"

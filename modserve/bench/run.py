@@ -336,6 +336,7 @@ async def mixed_vllm(
         stats = engine.stats()
         pack_bytes = (stats.pack_bytes_by_tier.get("device", 0) + stats.pack_bytes_by_tier.get("host", 0)) / len(setup.packs)
         for workload in workloads:
+            await engine.reset_prefix_cache()  # as fresh as the ceiling's engine: no earlier workload's prompts
             await warm({"e": engine}, [("e", lang) for lang in workload.languages])
             observer.loads = observer.swaps = 0
             timings, seconds = await drive({"e": engine}, make_requests(workload, prompts), workload, lambda lang: ("e", lang))

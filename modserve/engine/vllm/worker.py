@@ -24,7 +24,7 @@ from modserve.engine.vllm.grouped import UnsupportedPackError, group_packs
 from modserve.errors import ModserveError
 from modserve.languages import RESIDENT
 from modserve.packs.delta import exact_tensors
-from modserve.packs.format import Manifest, ResidentHashes, load_verified_pack
+from modserve.packs.format import ResidentHashes, load_verified_pack
 
 EXTENSION = f"{__name__}.PackSwapExtension"
 # vLLM warns about every module a reload leaves alone; a pack leaves most alone on purpose.
@@ -49,7 +49,7 @@ class PackStore:
     any pack replaces, so that any target can be rebuilt from any state."""
 
     def __init__(self, resident: Path, dtype: torch.dtype, pin: bool):
-        self.resident = self._resident = Checkpoint(resident)
+        self._resident = Checkpoint(resident)
         self._hashes = ResidentHashes(self._resident)
         self._dtype, self._pin = dtype, pin
         self._names: dict[Unit, list[str]] = {}
@@ -59,22 +59,16 @@ class PackStore:
         self._resident_copies: dict[str, torch.Tensor] = {}
 
     def load(self, language: str, path: Path) -> int:
-        """Read, verify and keep one pack; returns its size in bytes."""
-        self._packs[language] = {name: self._host(t) for name, t in self.verified(language, path).items()}
+        """Read, verify (sha256 of every tensor, fingerprint of the resident) and keep one pack;
+        returns its size in bytes. Raises ModserveError for a pack that must not serve."""
+        manifest, stored = load_verified_pack(path, self._hashes, language)
+        tensors = exact_tensors(manifest, stored, self._resident)  # a delta pack, materialised
+        self._packs[language] = {name: self._host(tensor) for name, tensor in tensors.items()}
         for unit in self.units(language):
             for name in self._names[unit]:
                 if name not in self._resident_copies:
                     self._resident_copies[name] = self._host(self._resident.get(name))
         return sum(t.numel() * t.element_size() for t in self._packs[language].values())
-
-    def verified(self, language: str, path: Path) -> dict[str, torch.Tensor]:
-        """A pack's whole tensors once verified; a delta pack materialised."""
-        return exact_tensors(*self.verified_as_stored(language, path), self._resident)
-
-    def verified_as_stored(self, language: str, path: Path) -> tuple[Manifest, dict[str, torch.Tensor]]:
-        """A pack checked to serve: sha256 of every tensor, fingerprint of the resident. Raises
-        ModserveError for one that must not serve."""
-        return load_verified_pack(path, self._hashes, language)
 
     def units(self, target: str) -> set[Unit]:
         return {swap_unit(name) for name in self._packs.get(target, {})}
@@ -159,19 +153,20 @@ class PackSwapExtension:
             return {"packs": {}, "error": "engine.pack_mode: grouped runs on one worker (tensor and pipeline parallel size 1)"}
         if config.compilation_config.mode != CompilationMode.NONE:
             return {"packs": {}, "error": "engine.pack_mode: grouped needs engine.vllm.enforce_eager: true"}
-        store = PackStore(Path(resident), self.model_config.dtype, pin=False)
+        checkpoint = Checkpoint(Path(resident))
+        hashes = ResidentHashes(checkpoint)
         verified, reports = {}, {}
         for language, path in packs.items():
             start = time.perf_counter()
-            try:
-                verified[language] = store.verified_as_stored(language, Path(path))
+            try:  # as stored: a delta pack keeps its factors
+                verified[language] = load_verified_pack(Path(path), hashes, language)
             except ModserveError as err:
                 reports[language] = {"error": str(err)}
                 continue
             size = sum(t.numel() * self.model_config.dtype.itemsize for t in verified[language][1].values())
             reports[language] = {"bytes": size, "seconds": time.perf_counter() - start}
         try:
-            group_packs(self.model_runner, verified, store.resident, self.model_config.dtype)
+            group_packs(self.model_runner, verified, checkpoint, self.model_config.dtype)
         except UnsupportedPackError as err:
             return {"packs": reports, "error": str(err)}
         return {"packs": reports, "error": None}

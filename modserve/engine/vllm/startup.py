@@ -1,0 +1,79 @@
+"""Starting vLLM for modserve: the engine arguments modserve sets beside the user's
+`engine.vllm`, vLLM-CPU's defaults, and the AsyncLLM itself.
+
+vLLM is imported inside the functions: importing it takes seconds.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from modserve.errors import ModserveError
+
+CPU_BLOCK_SIZE = 32
+CPU_KV_CACHE_GIB = "1"  # vLLM-CPU's own default claims a large share of host memory
+
+
+def engine_arguments(
+    resident: Path, dtype: str, max_model_len: int, max_num_seqs: int, user: dict, pack_mode: str,
+    extension: str, lora: dict,
+) -> dict:
+    """vLLM's engine arguments: the user's, with what modserve needs on top (its worker
+    extension, eager execution for pack_mode grouped, LoRA slots for pack_mode lora)."""
+    if "worker_extension_cls" in user:
+        raise ModserveError("engine.vllm.worker_extension_cls: modserve sets it (packs are swapped by it)")
+    eager = {}
+    if pack_mode == "grouped":  # a compiled graph would freeze one step's split by language
+        if user.get("enforce_eager", True) is not True:
+            raise ModserveError("engine.vllm.enforce_eager: pack_mode grouped runs eagerly; leave it unset or true")
+        for parallel in ("tensor_parallel_size", "pipeline_parallel_size"):
+            if user.get(parallel, 1) != 1:
+                raise ModserveError(f"engine.vllm.{parallel}: pack_mode grouped runs on one worker; leave it 1")
+        eager = {"enforce_eager": True}
+    return {
+        "model": str(resident),
+        "dtype": dtype,
+        "max_model_len": max_model_len,
+        "max_num_seqs": max_num_seqs,
+        "disable_log_stats": True,  # modserve's metrics; its stat logger still sees every step
+        **user,
+        **eager,
+        **lora,
+        "worker_extension_cls": extension,
+        # compact JSON, as the native backend writes it (see engine.structured)
+        "structured_outputs_config": {
+            "backend": "xgrammar", **user.get("structured_outputs_config", {}), "disable_any_whitespace": True,
+        },
+    }
+
+
+def apply_cpu_defaults(args: dict) -> None:
+    """vLLM-CPU sizes its KV cache from VLLM_CPU_KVCACHE_SPACE (GiB), which overrides the
+    `kv_cache_memory_bytes` engine argument: set it only when neither is given. Its default
+    block of 128 tokens would leave most of a preempted request's KV uncached (only whole
+    blocks are): blocks of 32, the smallest its attention takes well, unless one is given."""
+    from vllm.platforms import current_platform
+
+    if current_platform.is_cpu():
+        if "kv_cache_memory_bytes" not in args:
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", CPU_KV_CACHE_GIB)
+        args.setdefault("block_size", CPU_BLOCK_SIZE)
+
+
+def start_async_llm(args: dict, stat_logger, resident: Path):
+    """vLLM's AsyncLLM on these arguments; a bad argument or a failed start as a ModserveError."""
+    from vllm import AsyncEngineArgs
+    from vllm.config import StructuredOutputsConfig
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    apply_cpu_defaults(args)
+    try:
+        args = {**args, "structured_outputs_config": StructuredOutputsConfig(**args["structured_outputs_config"])}
+        engine_args = AsyncEngineArgs(**args)
+    except TypeError as err:
+        raise ModserveError(f"engine.vllm: not a vLLM engine argument ({err})") from None
+    try:
+        return AsyncLLM.from_engine_args(engine_args, stat_loggers=[stat_logger])
+    except Exception as err:
+        raise ModserveError(f"vLLM could not start on {resident}: {err}") from err
