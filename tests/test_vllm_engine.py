@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import importlib.util
+import os
 from dataclasses import dataclass
 
 import psutil
@@ -27,6 +28,8 @@ from modserve.engine.base import (
 )
 from modserve.engine.vllm.engine import VllmEngine
 from modserve.engine.vllm.policy import LanguageGroups
+from modserve.engine.vllm.requests import request_language
+from modserve.engine.vllm.startup import apply_cpu_defaults
 from modserve.engine.vllm.worker import PackStore
 from modserve.errors import ModserveError
 from modserve.packs.build import BuildJob, build_packs
@@ -94,7 +97,7 @@ async def engine(demo, extra_packs):
 
 @contextlib.asynccontextmanager
 async def running_in_process(engine: VllmEngine):
-    """The engine started with vLLM's engine core in this process (and a RecordingObserver);
+    """The engine started with its one worker inside vLLM's engine-core process (and a RecordingObserver);
     once it has shut down, none of the processes it started may be left."""
     before = child_processes()  # another engine's, still running
     with pytest.MonkeyPatch.context() as env:
@@ -145,9 +148,8 @@ def timeline(engine, monkeypatch) -> list[tuple]:
     generate, swapped = engine._llm.generate, engine.observer.pack_swapped
 
     async def traced(prompt, params, vllm_id, **kwargs):
-        language, _, sequence = vllm_id.partition(":")
-        rid, _choice, submission = sequence.rsplit("-", 2)
-        assert language == engine.active_group
+        rid, _choice, submission = vllm_id.partition(":")[2].rsplit("-", 2)
+        assert request_language(vllm_id) == engine.active_group
         events.append(("start", rid, engine.active_group, int(submission)))
         tokens = 0
         try:
@@ -447,6 +449,21 @@ async def test_unknown_vllm_arguments_are_refused_by_name(demo):
     with pytest.raises(ModserveError, match="engine.vllm.*not_a_vllm_argument"):
         await engine.start()
     await engine.shutdown()
+
+
+def test_on_a_host_of_few_cores_one_vllm_worker_computes_on_every_core(monkeypatch):
+    """vLLM-CPU's multiprocess executor would keep one of 2 cores for its scheduler."""
+    for name in ("VLLM_ENABLE_V1_MULTIPROCESSING", "VLLM_CPU_KVCACHE_SPACE"):
+        monkeypatch.delenv(name, raising=False)
+    apply_cpu_defaults({}, cpus=2)
+    assert os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"
+    for args, cpus in [({}, 16), ({"tensor_parallel_size": 2}, 2), ({"distributed_executor_backend": "mp"}, 2)]:
+        monkeypatch.delenv("VLLM_ENABLE_V1_MULTIPROCESSING", raising=False)
+        apply_cpu_defaults(args, cpus)
+        assert "VLLM_ENABLE_V1_MULTIPROCESSING" not in os.environ, (args, cpus)
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "1")
+    apply_cpu_defaults({}, cpus=2)
+    assert os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] == "1"
 
 
 async def test_without_vllm_installed_the_error_names_the_extra(demo, monkeypatch):

@@ -57,7 +57,7 @@ from modserve.engine.vllm.conversion import (
 )
 from modserve.engine.vllm.lora import LoraPacks
 from modserve.engine.vllm.policy import LanguageGroups, OneBatch
-from modserve.engine.vllm.requests import ChoiceRun, VllmRequest
+from modserve.engine.vllm.requests import ChoiceRun, VllmRequest, submission_id
 from modserve.engine.vllm.startup import engine_arguments, start_async_llm
 from modserve.engine.vllm.worker import EXTENSION
 from modserve.errors import ModserveError
@@ -432,7 +432,7 @@ class VllmEngine(Engine):
         prompt = item.request.prompt_token_ids + run.tokens
         scores_prompt = run.submissions == 1 and run.indices[0] == 0 and item.request.params.prompt_logprobs is not None
         params = vllm_sampling_params(item.request.params, item.max_tokens, run.seed, len(run.tokens), scores_prompt)
-        vllm_id = f"{item.language}:{item.id}-{run.indices[0]}-{run.submissions}"  # the language first: `grouped`
+        vllm_id = submission_id(item.language, item.id, run.indices[0], run.submissions)
         try:
             lora = self._lora.request(item.language) if self._lora else None
             async for out in self._llm.generate(tokens_input(prompt, cache_salt=item.salt), params, vllm_id, lora_request=lora):

@@ -9,7 +9,7 @@ kernels run (oneDNN on CPU). Attention, rotary embeddings, the KV cache and ever
 pack touches run once over the whole batch: a mixed step reads the shared layers once,
 the native backend's design, and no language ever waits for another's slice.
 
-A row's language comes from its request id (`language:…`, set by the engine) and vLLM's
+A row's language comes from its request id (`requests.submission_id`) and vLLM's
 token-to-request map for the step (`StepLanguages`). That needs eager execution (a compiled
 graph would freeze one step's split) and one worker (the copies hold unsharded weights).
 
@@ -29,6 +29,7 @@ from torch import nn
 
 from modserve.checkpoint import Checkpoint
 from modserve.engine.native.model import LowRank
+from modserve.engine.vllm.requests import request_language
 from modserve.errors import ModserveError
 from modserve.packs.delta import stored_parts
 
@@ -42,11 +43,6 @@ RESIDENT_GROUP = 0
 
 class UnsupportedPackError(ModserveError):
     """A pack whose tensors cannot run per language in a shared step."""
-
-
-def request_language(request_id: str) -> str:
-    """The language the engine put at the head of a vLLM request id."""
-    return request_id.partition(":")[0]
 
 
 class StepLanguages:

@@ -26,6 +26,17 @@ from modserve.engine.text import TextStream
 from modserve.engine.vllm.conversion import FINISH_REASONS, vllm_logprobs
 
 
+def submission_id(language: str, request_id: str, choice: int, submission: int) -> str:
+    """vLLM's id for one submission of a choice. The language leads, so `pack_mode: grouped`
+    can tell each row's pack from vLLM's batch alone (`request_language`)."""
+    return f"{language}:{request_id}-{choice}-{submission}"
+
+
+def request_language(vllm_id: str) -> str:
+    """The language at the head of a `submission_id`."""
+    return vllm_id.partition(":")[0]
+
+
 @dataclass
 class ChoiceRun:
     """One sequence in vLLM: a choice of the request, or all n choices of a greedy one."""

