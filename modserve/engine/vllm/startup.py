@@ -66,7 +66,8 @@ def apply_cpu_defaults(args: dict, cpus: int | None = None) -> None:
         if "kv_cache_memory_bytes" not in args:
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", CPU_KV_CACHE_GIB)
         args.setdefault("block_size", CPU_BLOCK_SIZE)
-        cpus = len(os.sched_getaffinity(0)) if cpus is None else cpus
+        if cpus is None:  # the CPUs this process may run on (all of them where that is not known)
+            cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
         one_worker = all(args.get(size, 1) == 1 for size in PARALLEL_SIZES)
         if one_worker and cpus <= FEW_CPUS and "distributed_executor_backend" not in args:
             os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
