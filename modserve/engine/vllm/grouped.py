@@ -24,11 +24,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from modserve.checkpoint import Checkpoint
-from modserve.engine.native.model import LowRank
 from modserve.engine.vllm.requests import request_language
 from modserve.errors import ModserveError
 from modserve.packs.delta import stored_parts
@@ -98,13 +96,62 @@ def merge_rows(parts: list[tuple[torch.Tensor, object]], rows: int):
 
 
 @dataclass
+class StackedDelta:
+    """Δ of one vLLM module as B·A per shard (q/k/v, gate/up; one shard elsewhere): the
+    shards share their input, so their A factors are stacked into one."""
+
+    a: torch.Tensor  # [sum of the shards' ranks, in]
+    b: list[torch.Tensor]  # per shard: [out_s, rank_s]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return sum(b.shape[0] for b in self.b), self.a.shape[1]
+
+
+@dataclass
 class ModuleChange:
     """What a pack changes in one vLLM module: parameters it replaces (run in a copy), or, for
-    a delta pack's linear, Δ ≈ B·A (added to the resident's output) and its bias change."""
+    a delta pack's linear, Δ (added to the resident's output) and its bias change."""
 
     params: dict[str, torch.Tensor] = field(default_factory=dict)
-    delta: LowRank | None = None
+    delta: StackedDelta | None = None
     bias_delta: torch.Tensor | None = None
+
+
+class FactorLinear(nn.Module):
+    """One factor run as a linear of the module it changes, through that module's own weight
+    processing and kernel (oneDNN on CPU: 2-6x faster than F.linear at these shapes)."""
+
+    def __init__(self, base: nn.Module, weight: torch.Tensor):
+        super().__init__()
+        self.weight = nn.Parameter(weight.contiguous(), requires_grad=False)
+        self._method = base.quant_method
+        self._method.process_weights_after_loading(self)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._method.apply(self, x)
+
+
+class LowRankChange(nn.Module):
+    """x ↦ Δ·x + Δbias for one language: A once over the shared input, each shard's B on its
+    own rank slice (a block-diagonal B would multiply its zeros too)."""
+
+    def __init__(self, base: nn.Module, delta: StackedDelta, bias: torch.Tensor | None, device, dtype):
+        super().__init__()
+        on = {"device": device, "dtype": dtype}
+        self._a = FactorLinear(base, delta.a.to(**on))
+        self._b = nn.ModuleList(FactorLinear(base, b.to(**on)) for b in delta.b)
+        self._ranks = [b.shape[1] for b in delta.b]
+        self._bias = None if bias is None else bias.to(**on)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = self._a(x)
+        if len(self._b) == 1:
+            change = self._b[0](z)
+        else:
+            slices = z.split(self._ranks, dim=1)
+            change = torch.cat([b(part.contiguous()) for b, part in zip(self._b, slices, strict=True)], dim=1)
+        return change if self._bias is None else change + self._bias
 
 
 class GroupedModule(nn.Module):
@@ -116,16 +163,14 @@ class GroupedModule(nn.Module):
         super().__init__()
         self._base = base
         self._copies: dict[int, nn.Module] = {}
-        self._deltas: dict[int, tuple[LowRank, torch.Tensor | None]] = {}
+        self._deltas: dict[int, LowRankChange] = {}
         self._languages = languages
 
     def add(self, group: int, change: ModuleChange, device, dtype) -> None:
         if change.params:
             self._copies[group] = module_copy(self._base, change.params, device, dtype)
         if change.delta is not None:
-            on = {"device": device, "dtype": dtype}
-            bias = None if change.bias_delta is None else change.bias_delta.to(**on)
-            self._deltas[group] = (LowRank(change.delta.a.to(**on), change.delta.b.to(**on)), bias)
+            self._deltas[group] = LowRankChange(self._base, change.delta, change.bias_delta, device, dtype)
 
     def forward(self, x: torch.Tensor, *rest: torch.Tensor):
         groups = self._languages.groups(x.shape[0])
@@ -145,27 +190,21 @@ class GroupedModule(nn.Module):
             if g in self._deltas:
                 y = out[0] if isinstance(out, tuple) else out  # a linear's (output, bias) or output
                 if idx is None:
-                    y += low_rank_change(x, *self._deltas[g])
+                    y += self._deltas[g](x)
                 else:
-                    y.index_add_(0, idx, low_rank_change(x.index_select(0, idx), *self._deltas[g]))
+                    y.index_add_(0, idx, self._deltas[g](x.index_select(0, idx)))
         return out
-
-
-def low_rank_change(x: torch.Tensor, delta: LowRank, bias: torch.Tensor | None) -> torch.Tensor:
-    change = F.linear(F.linear(x, delta.a), delta.b)
-    return change if bias is None else change + bias
 
 
 def module_changes(model: nn.Module, manifest, stored: dict[str, torch.Tensor], resident: Checkpoint) -> dict[str, ModuleChange]:
     """{vLLM module path: change} for a pack's HF-named tensors, stacked as vLLM stacks q/k/v
-    and gate/up: whole tensors concatenated, factors as one A over the shared input and a
-    block-diagonal B."""
+    and gate/up: whole tensors concatenated, factors as a `StackedDelta`."""
     whole, factors = stored_parts(manifest, stored)
     changes: dict[str, ModuleChange] = defaultdict(ModuleChange)
     for path, _, names in by_module(model, factors):
-        changes[path].delta = LowRank(
+        changes[path].delta = StackedDelta(
             a=torch.cat([factors[name][0].float() for name in names]),
-            b=torch.block_diag(*[factors[name][1].float() for name in names]),
+            b=[factors[name][1].float() for name in names],
         )
     for path, param, names in by_module(model, whole):
         tensor = torch.cat([whole[name] for name in names])
@@ -221,7 +260,7 @@ def checked_module(model: nn.Module, path: str, change: ModuleChange) -> nn.Modu
         raise UnsupportedPackError(f"{names}: vLLM runs it as {type(module).__name__}, not a plain linear or RMSNorm")
     shapes = {param: tuple(tensor.shape) for param, tensor in change.params.items()}
     if change.delta is not None:
-        shapes["weight"] = (change.delta.b.shape[0], change.delta.a.shape[1])
+        shapes["weight"] = change.delta.shape
     if change.bias_delta is not None:
         shapes["bias"] = tuple(change.bias_delta.shape)
     for param, shape in shapes.items():
