@@ -328,6 +328,11 @@ class Engine(abc.ABC):
     async def abort(self, request_id: str) -> None: ...
 
     @abc.abstractmethod
+    async def reset_prefix_cache(self) -> None:
+        """Forget every cached prompt prefix, with nothing running: the bench's runs must not
+        serve each other's prompts."""
+
+    @abc.abstractmethod
     def stats(self) -> EngineStats: ...
 
     @property

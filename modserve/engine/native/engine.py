@@ -247,6 +247,9 @@ class NativeEngine(Engine):
         self._inbox.put(("abort", request_id))
         self._wakeup.set()
 
+    async def reset_prefix_cache(self) -> None:
+        """Nothing to forget: a sequence's cached KV ends with its request."""
+
     def stats(self) -> EngineStats:
         """A snapshot read from the asyncio side; counts may be one step stale."""
         running = self.scheduler.slotted if self._ready else []
