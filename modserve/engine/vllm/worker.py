@@ -163,11 +163,10 @@ class PackSwapExtension:
             except ModserveError as err:
                 reports[language] = {"error": str(err)}
                 continue
-            reports[language] = {"seconds": time.perf_counter() - start}
+            size = sum(t.numel() * self.model_config.dtype.itemsize for t in verified[language][1].values())
+            reports[language] = {"bytes": size, "seconds": time.perf_counter() - start}
         try:
-            held = group_packs(self.model_runner, verified, checkpoint, self.model_config.dtype)
+            group_packs(self.model_runner, verified, checkpoint, self.model_config.dtype)
         except UnsupportedPackError as err:
             return {"packs": reports, "error": str(err)}
-        for language, size in held.items():
-            reports[language]["bytes"] = size
         return {"packs": reports, "error": None}
