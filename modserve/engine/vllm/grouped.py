@@ -43,15 +43,6 @@ class UnsupportedPackError(ModserveError):
     """A pack whose tensors cannot run per language in a shared step."""
 
 
-@dataclass
-class StepSplit:
-    """A step's rows by language group: `order` lists the row indices group by group (None: the
-    step is one group's, all rows), and each group's rows are the span `order[span]`."""
-
-    groups: list[tuple[int, slice]]
-    order: torch.Tensor | None = None
-
-
 class StepLanguages:
     """Which rows of the running step belong to which language: worked out once per forward
     pass (vLLM sets a new forward context for each) from vLLM's token-to-request map."""
@@ -60,46 +51,48 @@ class StepLanguages:
         self._runner = runner
         self._index = {language: i + 1 for i, language in enumerate(languages)}
         self._context = None
-        self._split = StepSplit([(RESIDENT_GROUP, slice(None))])
+        self._groups: list[tuple[int, torch.Tensor | None]] = []
 
-    def split(self, rows: int) -> StepSplit:
+    def groups(self, rows: int) -> list[tuple[int, torch.Tensor | None]]:
+        """[(group, row indices)]; a step of one language is [(group, None)]: all rows."""
         from vllm.forward_context import get_forward_context, is_forward_context_available
 
         context = get_forward_context() if is_forward_context_available() else None
         if context is None or context is not self._context:
-            self._context, self._split = context, self._split_rows(rows)
-        return self._split
+            self._context, self._groups = context, self._split(rows)
+        return self._groups
 
-    def _split_rows(self, rows: int) -> StepSplit:
+    def _split(self, rows: int) -> list[tuple[int, torch.Tensor | None]]:
         batch, runner = self._runner.input_batch, self._runner
         requests = batch.num_reqs
         scheduled = int(runner.query_start_loc.np[requests]) if requests else 0
         if not requests or scheduled > rows:  # a dummy run (start-up, profiling): nothing of ours
-            return StepSplit([(RESIDENT_GROUP, slice(None))])
+            return [(RESIDENT_GROUP, None)]
         per_request = np.array([self._index.get(request_language(r), RESIDENT_GROUP) for r in batch.req_ids[:requests]])
         per_row = np.full(rows, RESIDENT_GROUP)  # rows past the scheduled tokens are padding
         per_row[:scheduled] = per_request[runner.req_indices.np[:scheduled]]
-        present, counts = np.unique(per_row, return_counts=True)
+        present = np.unique(per_row)
         if len(present) == 1:
-            return StepSplit([(int(present[0]), slice(None))])
-        ends = np.cumsum(counts)
-        spans = [(int(g), slice(int(end - n), int(end))) for g, n, end in zip(present, counts, ends, strict=True)]
-        return StepSplit(spans, torch.from_numpy(np.argsort(per_row, kind="stable")).to(runner.device))
+            return [(int(present[0]), None)]
+        return [(int(g), torch.from_numpy(np.flatnonzero(per_row == g)).to(runner.device)) for g in present]
 
 
-def in_batch_order(sorted_out, order: torch.Tensor):
-    """A module's output (a tensor, or a tuple of tensors and Nones) computed on rows sorted by
-    `order`, back in batch order."""
-    if isinstance(sorted_out, tuple):
-        return tuple(None if part is None else in_batch_order(part, order) for part in sorted_out)
-    return torch.empty_like(sorted_out).index_copy_(0, order, sorted_out)  # faster than out[order] = ... on CPU
+def rows_of(tensors: tuple[torch.Tensor, ...], idx: torch.Tensor) -> list[torch.Tensor]:
+    return [t.index_select(0, idx) for t in tensors]
 
 
-def concat(parts: list):
-    """Group by group outputs (tensors, or tuples of tensors and Nones) as one."""
-    if isinstance(parts[0], tuple):
-        return tuple(None if part is None else torch.cat([p[i] for p in parts]) for i, part in enumerate(parts[0]))
-    return torch.cat(parts)
+def merge_rows(parts: list[tuple[torch.Tensor, object]], rows: int):
+    """Each group's outputs (a tensor, or a tuple of tensors and Nones) back into batch order."""
+    sample = parts[0][1]
+    if isinstance(sample, tuple):
+        return tuple(
+            None if part is None else merge_rows([(idx, out[i]) for idx, out in parts], rows)
+            for i, part in enumerate(sample)
+        )
+    merged = sample.new_empty((rows, *sample.shape[1:]))
+    for idx, out in parts:
+        merged.index_copy_(0, idx, out)  # faster than merged[idx] = out on CPU
+    return merged
 
 
 @dataclass
@@ -180,25 +173,26 @@ class GroupedModule(nn.Module):
             self._deltas[group] = LowRankChange(self._base, change.delta, change.bias_delta, device, dtype)
 
     def forward(self, x: torch.Tensor, *rest: torch.Tensor):
-        split = self._languages.split(x.shape[0])
-        if split.order is None:  # one group's step
-            group = split.groups[0][0]
-            out = self._copies.get(group, self._base)(x, *rest)
-            if group in self._deltas:
-                (out[0] if isinstance(out, tuple) else out).add_(self._deltas[group](x))
-            return out
-        sorted_in = [t.index_select(0, split.order) for t in (x, *rest)]  # group by group: spans are views
-        if any(g in self._copies for g, _ in split.groups):
-            parts = [self._copies.get(g, self._base)(*(t[span] for t in sorted_in)) for g, span in split.groups]
-            out = in_batch_order(concat(parts), split.order)
-        else:
+        groups = self._languages.groups(x.shape[0])
+        own = [(g, idx) for g, idx in groups if g in self._copies]
+        if not own:
             out = self._base(x, *rest)
-        changed = [(g, span) for g, span in split.groups if g in self._deltas]
-        if changed:
-            y = out[0] if isinstance(out, tuple) else out  # a linear's (output, bias) or output
-            changes = concat([self._deltas[g](sorted_in[0][span]) for g, span in changed])
-            rows = split.order if len(changed) == len(split.groups) else torch.cat([split.order[span] for _, span in changed])
-            y.index_add_(0, rows, changes)
+        elif len(groups) == 1:
+            return self._copies[groups[0][0]](x, *rest)
+        else:
+            shared = [idx for g, idx in groups if g not in self._copies]
+            parts = [(idx, self._copies[g](*rows_of((x, *rest), idx))) for g, idx in own]
+            if shared:
+                idx = torch.cat(shared)
+                parts.append((idx, self._base(*rows_of((x, *rest), idx))))
+            out = merge_rows(parts, x.shape[0])
+        for g, idx in groups:
+            if g in self._deltas:
+                y = out[0] if isinstance(out, tuple) else out  # a linear's (output, bias) or output
+                if idx is None:
+                    y += self._deltas[g](x)
+                else:
+                    y.index_add_(0, idx, self._deltas[g](x.index_select(0, idx)))
         return out
 
 
