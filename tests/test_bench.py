@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import pytest
@@ -17,7 +18,7 @@ from modserve.bench.models import (
     parameter_shapes,
 )
 from modserve.bench.report import markdown, write
-from modserve.bench.run import ScenarioResult
+from modserve.bench.run import Counting, ScenarioResult, rehearsed
 from modserve.bench.suite import BenchOptions, ratios, run_suite
 from modserve.bench.workloads import Workload, load_prompts, make_requests
 from modserve.checkpoint import layer_index
@@ -173,3 +174,20 @@ def test_bench_runs_every_scenario_and_writes_json_table_and_plot(tmp_path):
     assert "| mixed | native | 4 |" in markdown(report) and "| delta_mixed | native | 4 |" in markdown(report)
     assert imread(files[2]).shape[1] > 800
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith("modserve-bench-")] == []
+
+
+def test_a_rehearsal_serves_other_requests_of_the_workload_first_and_counts_none_of_it():
+    workload = Workload(("sw", "bn"), num_requests=12)
+    prompts = load_prompts(None, workload.languages)
+    observer, served = Counting(), []
+
+    async def run(requests):
+        served.append(requests)
+        observer.loads, observer.swaps = observer.loads + 3, observer.swaps + 2
+        return len(served)
+
+    assert asyncio.run(rehearsed({}, observer, workload, prompts, run)) == 2  # the timed pass's result
+    rehearsal, timed = served
+    assert timed == make_requests(workload, prompts) != rehearsal
+    assert len(rehearsal) == len(timed) and {r.language for r in rehearsal} <= set(workload.languages)
+    assert (observer.loads, observer.swaps) == (3, 2)  # the timed pass's only
