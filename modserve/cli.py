@@ -287,6 +287,9 @@ def bench(
         help="rank of the delta packs and LoRA adapters (default: the largest keeping resident + 4 packs "
         "≤ 0.3 of 4 models; with --resident, LoRA at full rank)",
     )] = None,
+    repeats: Annotated[int, typer.Option(
+        help="passes over every scenario, one after another; rows and ratios report their medians",
+    )] = 1,
 ) -> None:
     """Throughput, latency and memory as languages grow, against the baselines."""
     from modserve.bench.report import markdown, write
@@ -303,6 +306,7 @@ def bench(
         concurrency=concurrency, num_requests=requests, output_len=output_len, model=model,
         resident=resident, packs=parse_experts(pack, "--pack"), device=device, dtype=dtype,
         backends=tuple(b.strip() for b in backend.split(",") if b.strip()), delta_rank=delta_rank,
+        repeats=repeats,
     )
     report = run_suite(options)
     if out is not None:

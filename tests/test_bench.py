@@ -19,11 +19,12 @@ from modserve.bench.models import (
 )
 from modserve.bench.report import markdown, write
 from modserve.bench.run import Counting, ScenarioResult, rehearsed
-from modserve.bench.suite import BenchOptions, ratios, run_suite
+from modserve.bench.suite import BenchOptions, combine, ratios, run_suite
 from modserve.bench.workloads import Workload, load_prompts, make_requests
 from modserve.checkpoint import layer_index
 from modserve.demo.finetune import Recipe, layer_sets, train_family
 from modserve.demo.synthetic import TinySpec
+from modserve.errors import ModserveError
 from modserve.packs.lowrank import RankChoice, factorize
 
 QUICK_RECIPE = Recipe(base_steps=24, expert_steps=8, batch_size=4, score_questions=2)
@@ -119,6 +120,25 @@ def test_ratios_compare_delta_grouped_and_lora_rows_with_their_ceilings_and_read
     assert out["native_mixed4_vs_swap_per_request4"] == 2.5
     without = ratios(results[:5], {}, {**model, "delta": {"rank": 96, "fidelity": {}}})
     assert "delta_top1_agreement" not in without and "vllm_mixed4_ttft_p99_vs_ceiling" not in without
+
+
+def test_passes_report_each_rows_median_pass_and_the_median_of_each_passes_own_ratios():
+    speeds = [(100.0, 90.0), (80.0, 60.0), (120.0, 100.0)]  # (ceiling, grouped) per pass: the machine drifts
+    passes = [[row("ceiling", "vllm", 1, c), row("grouped_delta_mixed", "vllm", 4, g)] for c, g in speeds]
+    model = {"swapped_layers": [0, 15], "num_layers": 16, "delta": {}}
+    rows, out = combine(passes, {}, model)
+    assert [(r.scenario, r.tokens_per_s) for r in rows] == [("ceiling", 100.0), ("grouped_delta_mixed", 90.0)]
+    assert rows[1].extra["passes_tokens_per_s"] == [90.0, 60.0, 100.0]
+    assert out["vllm_grouped_delta_mixed4_vs_ceiling"] == pytest.approx(100 / 120)  # of 0.9, 0.75, 0.83
+    assert out["spread"]["vllm_grouped_delta_mixed4_vs_ceiling"] == pytest.approx([0.75, 0.9])
+    report = {"scenarios": [r.to_json() for r in rows], "ratios": out, "model": model, "failed": [],
+              "workload": {"repeats": 3}, "api": {"overhead_p50_ms": 1.0, "http_p50_ms": 2.0, "direct_p50_ms": 1.0},
+              "machine": {"cpu": "x86_64", "cores": 2, "torch": "2"}, "seconds": 1.0}
+    assert "- vllm_grouped_delta_mixed4_vs_ceiling: 0.8333 (0.75–0.9 over 3 passes)" in markdown(report)
+    single_rows, single = combine(passes[:1], {}, model)
+    assert "spread" not in single and "passes_tokens_per_s" not in single_rows[0].extra
+    with pytest.raises(ModserveError, match="--repeats"):
+        BenchOptions(repeats=0)
 
 
 def test_workloads_are_seeded_and_follow_the_mix(mgsm_dir):

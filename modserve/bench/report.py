@@ -32,7 +32,14 @@ def markdown(report: dict) -> str:
         for s in report["scenarios"]
     ]
     ratios = report["ratios"]
-    figures = [f"- {name}: {value:.4g}" for name, value in ratios.items() if isinstance(value, float)]
+    spread, passes = ratios.get("spread", {}), report["workload"].get("repeats", 1)
+    figures = [
+        f"- {name}: {value:.4g}" + (f" ({spread[name][0]:.4g}–{spread[name][1]:.4g} over {passes} passes)" if name in spread else "")
+        for name, value in ratios.items() if isinstance(value, float)
+    ]
+    if passes > 1:
+        figures.insert(0, f"- {passes} passes over every scenario: each row is the pass of median tok/s; "
+                          "each ratio the median of the passes' own ratios (their range in brackets)")
     for name, figure in ratios.get("router", {}).items():
         figures.append(f"- router {name}: p50 {figure['p50_us']:.0f} µs, p99 {figure['p99_us']:.0f} µs")
     model = report["model"]

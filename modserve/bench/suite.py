@@ -5,9 +5,10 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import platform
+import statistics
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -42,6 +43,7 @@ class BenchOptions:
     vllm_args: dict = field(default_factory=dict)
     workdir: Path | None = None
     delta_rank: int | None = None  # None: the largest keeping resident + 4 delta packs ≤ 0.3 of 4 models
+    repeats: int = 1  # passes over every scenario, one after another; rows and ratios are their medians
 
     def __post_init__(self):
         if self.quick:  # about 7 minutes on 2 shared CPU cores, every scenario (vLLM's LoRA: a third of it)
@@ -50,6 +52,8 @@ class BenchOptions:
         unknown = set(self.backends) - {"native", "vllm", "vllm-grouped", "vllm-lora"}
         if unknown:
             raise ModserveError(f"--backend: {', '.join(sorted(unknown))} is not native, vllm, vllm-grouped or vllm-lora")
+        if self.repeats < 1:
+            raise ModserveError(f"--repeats: {self.repeats} is below 1")
         if self.model not in SPECS and self.resident is None:
             raise ModserveError(f"--model: {self.model!r} is not one of {', '.join(SPECS)}")
 
@@ -68,7 +72,7 @@ def run_suite(options: BenchOptions, console: Console | None = None) -> dict:
         setup, model = prepare(options, Path(scratch), prompts)
         languages = tuple(lang for lang in BENCH_LANGUAGES if lang in setup.packs) or tuple(sorted(setup.packs))
         counts = [n for n in options.language_counts if n <= len(languages)]
-        results: list[run.ScenarioResult] = []
+        passes: list[list[run.ScenarioResult]] = []
 
         def workload(n: int) -> Workload:
             return Workload(languages[:n], options.num_requests, options.output_len, options.mix,
@@ -76,42 +80,56 @@ def run_suite(options: BenchOptions, console: Console | None = None) -> dict:
 
         failed: list[dict] = []
 
-        async def attempt(name: str, scenario) -> None:
+        async def attempt(name: str, scenario, results: list[run.ScenarioResult]) -> None:
             """One scenario's figures; a scenario that fails is reported, and the rest still run."""
             console.log(name)
             try:
                 got = await scenario
             except ModserveError as err:
                 console.log(f"{name}: failed ({err})")
-                failed.append({"scenario": name, "error": str(err)})
+                failed.append({"scenario": name, "pass": len(passes), "error": str(err)})
                 return
             results.extend(got if isinstance(got, list) else [got])
 
-        async def everything() -> None:
-            console.log("warm-up (discarded): first-use costs would otherwise land on the first scenario")
-            await run.mixed(setup, workload(min(2, len(languages))), prompts)
-            await attempt("native: ceiling", run.ceiling(setup, workload(max(counts)), prompts))
-            for n in counts:
-                await attempt(f"native: mixed, {n} language(s)", run.mixed(setup, workload(n), prompts))
-            for n in counts if setup.delta_packs else []:
+        async def one_pass() -> list[run.ScenarioResult]:
+            results: list[run.ScenarioResult] = []
+            native = "native" in available_backends(options)
+            if native:
+                await attempt("native: ceiling", run.ceiling(setup, workload(max(counts)), prompts), results)
+            for n in counts if native else []:
+                await attempt(f"native: mixed, {n} language(s)", run.mixed(setup, workload(n), prompts), results)
+            for n in counts if native and setup.delta_packs else []:
                 await attempt(f"native: delta mixed, {n} language(s), rank {model['delta']['rank']}",
-                              run.mixed(setup, workload(n), prompts, kind="delta"))
+                              run.mixed(setup, workload(n), prompts, kind="delta"), results)
             if "vllm" in available_backends(options):
-                await attempt("vllm: ceiling", run.ceiling(setup, workload(max(counts)), prompts, "vllm"))
+                await attempt("vllm: ceiling", run.ceiling(setup, workload(max(counts)), prompts, "vllm"), results)
                 await attempt("vllm: mixed over every language count on one engine",
-                              run.mixed_vllm(setup, [workload(n) for n in counts], prompts))
+                              run.mixed_vllm(setup, [workload(n) for n in counts], prompts), results)
             if "vllm-grouped" in available_backends(options):
                 await attempt("vllm: every language in each step (pack_mode grouped), every language count",
-                              run.mixed_vllm(setup, [workload(n) for n in counts], prompts, "grouped"))
+                              run.mixed_vllm(setup, [workload(n) for n in counts], prompts, "grouped"), results)
                 if setup.delta_packs:
                     await attempt(f"vllm: pack_mode grouped with delta packs (rank {model['delta']['rank']})",
-                                  run.mixed_vllm(setup, [workload(n) for n in counts], prompts, "grouped", "delta"))
+                                  run.mixed_vllm(setup, [workload(n) for n in counts], prompts, "grouped", "delta"),
+                                  results)
             if "vllm-lora" in available_backends(options):
                 await attempt(f"vllm: packs as LoRA adapters (rank {setup.lora_rank or 'full'}), every language count",
-                              run.mixed_vllm(setup, [workload(n) for n in counts], prompts, "lora"))
-            for n in counts:
-                await attempt(f"native: swap per request, {n} language(s)", run.swap_per_request(setup, workload(n), prompts))
-                await attempt(f"native: one model per language, {n}", run.one_model_per_language(setup, workload(n), prompts))
+                              run.mixed_vllm(setup, [workload(n) for n in counts], prompts, "lora"), results)
+            for n in counts if native else []:
+                await attempt(f"native: swap per request, {n} language(s)",
+                              run.swap_per_request(setup, workload(n), prompts), results)
+                await attempt(f"native: one model per language, {n}",
+                              run.one_model_per_language(setup, workload(n), prompts), results)
+            return results
+
+        async def everything() -> None:
+            if "native" in available_backends(options):
+                console.log("warm-up (discarded): first-use costs would otherwise land on the first scenario")
+                await run.mixed(setup, workload(min(2, len(languages))), prompts)
+            for k in range(options.repeats):
+                if options.repeats > 1:
+                    console.log(f"pass {k + 1} of {options.repeats}")
+                passes.append(await one_pass())
 
         asyncio.run(everything())
         console.log("router latency and API overhead")
@@ -126,15 +144,39 @@ def run_suite(options: BenchOptions, console: Console | None = None) -> dict:
                 "requests": options.num_requests, "output_len": options.output_len, "mix": options.mix,
                 "rate": options.rate, "concurrency": options.concurrency,
                 "prompts": str(options.mgsm) if options.mgsm else "built-in", "language_counts": counts,
+                "repeats": options.repeats,
             },
-            "scenarios": [r.to_json() for r in results],
             "failed": failed,
             "router": router,
             "api": api,
             "seconds": time.perf_counter() - started,
         }
-        report["ratios"] = ratios(results, router, model)
+        rows, report["ratios"] = combine(passes, router, model)
+        report["scenarios"] = [r.to_json() for r in rows]
         return report
+
+
+def combine(passes: list[list[run.ScenarioResult]], router: dict, model: dict) -> tuple[list[run.ScenarioResult], dict]:
+    """One row per scenario and each ratio, over the passes. A row is the pass of median tokens/s
+    (the lower one of an even count: a run that happened), every pass's tokens/s in its `extra`.
+    A ratio is the median of the ratios each pass gives, since each compares rows with the
+    ceiling of their own pass and so cancels the machine's drift between passes; `ratios.spread`
+    holds each one's range."""
+    rows = []
+    for key in dict.fromkeys((r.scenario, r.backend, r.languages) for results in passes for r in results):
+        runs = [r for results in passes for r in results if (r.scenario, r.backend, r.languages) == key]
+        row = sorted(runs, key=lambda r: r.tokens_per_s)[(len(runs) - 1) // 2]
+        if len(passes) > 1:
+            row = replace(row, extra={**row.extra, "passes_tokens_per_s": [r.tokens_per_s for r in runs]})
+        rows.append(row)
+    per_pass = [ratios(results, router, model) for results in passes]
+    out = per_pass[0]
+    if len(passes) > 1:
+        out["spread"] = {}
+        for name in [name for name, value in out.items() if isinstance(value, float)]:
+            values = [p[name] for p in per_pass if name in p]
+            out[name], out["spread"][name] = statistics.median(values), [min(values), max(values)]
+    return rows, out
 
 
 def find(results: list[run.ScenarioResult], scenario: str, backend: str, languages: int) -> run.ScenarioResult | None:
