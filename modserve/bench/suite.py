@@ -161,7 +161,7 @@ def combine(passes: list[list[run.ScenarioResult]], router: dict, model: dict) -
     (the lower one of an even count: a run that happened), every pass's tokens/s in its `extra`.
     A ratio is the median of the ratios each pass gives, since each compares rows with the
     ceiling of their own pass and so cancels the machine's drift between passes; `ratios.spread`
-    holds each one's range."""
+    holds the range of each that varied."""
     rows = []
     for key in dict.fromkeys((r.scenario, r.backend, r.languages) for results in passes for r in results):
         runs = [r for results in passes for r in results if (r.scenario, r.backend, r.languages) == key]
@@ -175,7 +175,9 @@ def combine(passes: list[list[run.ScenarioResult]], router: dict, model: dict) -
         out["spread"] = {}
         for name in [name for name, value in out.items() if isinstance(value, float)]:
             values = [p[name] for p in per_pass if name in p]
-            out[name], out["spread"][name] = statistics.median(values), [min(values), max(values)]
+            out[name] = statistics.median(values)
+            if min(values) != max(values):  # a measured figure, not one of the setup's
+                out["spread"][name] = [min(values), max(values)]
     return rows, out
 
 

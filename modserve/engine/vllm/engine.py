@@ -59,7 +59,6 @@ from modserve.engine.vllm.lora import LoraPacks
 from modserve.engine.vllm.policy import LanguageGroups, OneBatch
 from modserve.engine.vllm.requests import ChoiceRun, VllmRequest, submission_id
 from modserve.engine.vllm.startup import engine_arguments, start_async_llm
-from modserve.engine.vllm.worker import EXTENSION
 from modserve.errors import ModserveError
 from modserve.languages import RESIDENT
 from modserve.packs.format import read_manifest
@@ -209,7 +208,7 @@ class VllmEngine(Engine):
     def _start_vllm(self, dtype: str) -> None:
         lora = self._lora.engine_args() if self._lora else {}
         args = engine_arguments(
-            self.resident, dtype, self._max_model_len, self.max_batch_size, self.engine_args, self.pack_mode, EXTENSION, lora,
+            self.resident, dtype, self._max_model_len, self.max_batch_size, self.engine_args, self.pack_mode, self.packs, lora,
         )
         self._llm = start_async_llm(args, self._steps, self.resident)
 
@@ -219,7 +218,7 @@ class VllmEngine(Engine):
         stays out of service with its reason, the others serve."""
         paths = {lang: str(path) for lang, path in self.packs.items()}
         if self.pack_mode == "grouped":
-            results = await self._llm.collective_rpc("modserve_group_packs", args=(str(self.resident), paths))
+            results = await self._llm.collective_rpc("modserve_group_packs")
             errors = [result["error"] for result in results if result["error"]]
             if errors:
                 raise ModserveError(errors[0])

@@ -10,15 +10,18 @@ pack touches run once over the whole batch: a mixed step reads the shared layers
 the native backend's design, and no language ever waits for another's slice.
 
 A row's language comes from its request id (`requests.submission_id`) and vLLM's
-token-to-request map for the step (`StepLanguages`). That needs eager execution (a compiled
-graph would freeze one step's split) and one worker (the copies hold unsharded weights).
-
-This module is imported inside vLLM's worker; `worker.PackSwapExtension` calls `group_packs`.
+token-to-request map for the step (`StepLanguages`). Each wrapper runs as one opaque custom
+op (`modserve::grouped`), so vLLM can compile the model around it: the graph holds the op and
+a key, and the split is worked out afresh in every step. The wrappers are installed as the
+model loads (`worker.GroupedPacksLoader`), before vLLM compiles it. One worker: the copies hold
+unsharded weights.
 """
 
 from __future__ import annotations
 
 import copy
+import itertools
+import weakref
 from collections import defaultdict
 from dataclasses import dataclass, field
 
@@ -45,13 +48,17 @@ class UnsupportedPackError(ModserveError):
 
 class StepLanguages:
     """Which rows of the running step belong to which language: worked out once per forward
-    pass (vLLM sets a new forward context for each) from vLLM's token-to-request map."""
+    pass (vLLM sets a new forward context for each) from vLLM's token-to-request map. Until
+    it is bound to the model runner (after start-up) every row is the resident's."""
 
-    def __init__(self, runner, languages: list[str]):
-        self._runner = runner
+    def __init__(self, languages: list[str]):
+        self._runner = None
         self._index = {language: i + 1 for i, language in enumerate(languages)}
         self._context = None
         self._groups: list[tuple[int, torch.Tensor | None]] = []
+
+    def bind(self, runner) -> None:
+        self._runner = runner
 
     def groups(self, rows: int) -> list[tuple[int, torch.Tensor | None]]:
         """[(group, row indices)]; a step of one language is [(group, None)]: all rows."""
@@ -63,7 +70,10 @@ class StepLanguages:
         return self._groups
 
     def _split(self, rows: int) -> list[tuple[int, torch.Tensor | None]]:
-        batch, runner = self._runner.input_batch, self._runner
+        runner = self._runner
+        if runner is None:  # start-up's dummy runs and compilation
+            return [(RESIDENT_GROUP, None)]
+        batch = runner.input_batch
         requests = batch.num_reqs
         scheduled = int(runner.query_start_loc.np[requests]) if requests else 0
         if not requests or scheduled > rows:  # a dummy run (start-up, profiling): nothing of ours
@@ -154,10 +164,37 @@ class LowRankChange(nn.Module):
         return change if self._bias is None else change + self._bias
 
 
+WRAPPERS: weakref.WeakValueDictionary[int, GroupedModule] = weakref.WeakValueDictionary()  # by op key
+KEYS = itertools.count()
+
+
+@torch.library.custom_op("modserve::grouped", mutates_args=())
+def grouped(x: torch.Tensor, key: int) -> torch.Tensor:
+    """A wrapped linear's output, or a norm's without a residual."""
+    return WRAPPERS[key].run(x)
+
+
+@grouped.register_fake
+def _(x: torch.Tensor, key: int) -> torch.Tensor:
+    return x.new_empty((x.shape[0], WRAPPERS[key].out_features or x.shape[1]))
+
+
+@torch.library.custom_op("modserve::grouped_residual", mutates_args=())
+def grouped_residual(x: torch.Tensor, residual: torch.Tensor, key: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A wrapped norm with the residual added first: (normed, new residual)."""
+    return WRAPPERS[key].run(x, residual)
+
+
+@grouped_residual.register_fake
+def _(x: torch.Tensor, residual: torch.Tensor, key: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.empty_like(x), torch.empty_like(residual)
+
+
 class GroupedModule(nn.Module):
     """A linear or norm of a swapped layer: each language's rows through its own copy, or
     through the original plus its low-rank change. The original and the copies are held, not
-    registered, so the model's parameter names stay."""
+    registered, so the model's parameter names stay; the model calls them through one custom
+    op, which a compiled graph keeps as a call."""
 
     def __init__(self, base: nn.Module, languages: StepLanguages):
         super().__init__()
@@ -165,6 +202,16 @@ class GroupedModule(nn.Module):
         self._copies: dict[int, nn.Module] = {}
         self._deltas: dict[int, LowRankChange] = {}
         self._languages = languages
+        self.out_features = getattr(base, "output_size_per_partition", None)  # None: a norm
+        self._returns_bias = self.out_features is not None and getattr(base, "return_bias", True)
+        self._key = next(KEYS)
+        WRAPPERS[self._key] = self
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        if residual is not None:
+            return torch.ops.modserve.grouped_residual(x, residual, self._key)
+        out = torch.ops.modserve.grouped(x, self._key)
+        return (out, None) if self._returns_bias else out  # vLLM's linears: (output, bias to add)
 
     def add(self, group: int, change: ModuleChange, device, dtype) -> None:
         if change.params:
@@ -172,13 +219,14 @@ class GroupedModule(nn.Module):
         if change.delta is not None:
             self._deltas[group] = LowRankChange(self._base, change.delta, change.bias_delta, device, dtype)
 
-    def forward(self, x: torch.Tensor, *rest: torch.Tensor):
+    def run(self, x: torch.Tensor, *rest: torch.Tensor):
+        """The op's work, in outputs that never alias its inputs."""
         groups = self._languages.groups(x.shape[0])
         own = [(g, idx) for g, idx in groups if g in self._copies]
         if not own:
-            out = self._base(x, *rest)
+            out = self._base(*all_rows(x, rest))
         elif len(groups) == 1:
-            return self._copies[groups[0][0]](x, *rest)
+            return unbiased(self._copies[groups[0][0]](*all_rows(x, rest)))
         else:
             shared = [idx for g, idx in groups if g not in self._copies]
             parts = [(idx, self._copies[g](*rows_of((x, *rest), idx))) for g, idx in own]
@@ -193,7 +241,18 @@ class GroupedModule(nn.Module):
                     y += self._deltas[g](x)
                 else:
                     y.index_add_(0, idx, self._deltas[g](x.index_select(0, idx)))
-        return out
+        return unbiased(out)
+
+
+def all_rows(x: torch.Tensor, rest: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    """The inputs for a module run on every row: copies where a residual comes too (vLLM's
+    norms add it and normalise in place)."""
+    return (x.clone(), *(t.clone() for t in rest)) if rest else (x,)
+
+
+def unbiased(out):
+    """A linear's output without the (output, None) pair vLLM's linears return; a norm's as it is."""
+    return out[0] if isinstance(out, tuple) and out[1] is None else out
 
 
 def module_changes(model: nn.Module, manifest, stored: dict[str, torch.Tensor], resident: Checkpoint) -> dict[str, ModuleChange]:
@@ -285,11 +344,10 @@ def module_copy(base: nn.Module, params: dict[str, torch.Tensor], device, dtype)
     return clone
 
 
-def group_packs(runner, packs: dict[str, tuple], resident: Checkpoint, dtype) -> StepLanguages:
+def group_packs(model: nn.Module, packs: dict[str, tuple], resident: Checkpoint, dtype, device) -> StepLanguages:
     """Wrap every module any pack changes and give it each pack's change; `packs` holds each
     language's verified (manifest, stored tensors). Every pack is checked before the model is
     touched, so a pack that cannot run leaves it as it was."""
-    model = runner.get_model()
     plans = {}
     for language, (manifest, stored) in packs.items():
         try:
@@ -297,7 +355,7 @@ def group_packs(runner, packs: dict[str, tuple], resident: Checkpoint, dtype) ->
             plans[language] = [(path, checked_module(model, path, change), change) for path, change in changes.items()]
         except UnsupportedPackError as err:
             raise UnsupportedPackError(f"packs.{language}: pack_mode grouped cannot run {err}") from None
-    languages = StepLanguages(runner, sorted(packs))
+    languages = StepLanguages(sorted(packs))
     wrappers: dict[str, GroupedModule] = {}
     for group, language in enumerate(sorted(packs), start=1):
         for path, base, change in plans[language]:
@@ -305,5 +363,5 @@ def group_packs(runner, packs: dict[str, tuple], resident: Checkpoint, dtype) ->
                 wrappers[path] = GroupedModule(base, languages)
                 parent, _, leaf = path.rpartition(".")
                 setattr(model.get_submodule(parent), leaf, wrappers[path])
-            wrappers[path].add(group, change, runner.device, dtype)
+            wrappers[path].add(group, change, device, dtype)
     return languages

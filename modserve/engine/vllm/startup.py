@@ -11,6 +11,8 @@ from pathlib import Path
 
 from modserve.errors import ModserveError
 
+EXTENSION = "modserve.engine.vllm.worker.PackSwapExtension"  # imported inside vLLM's processes only
+GROUPED_LOAD_FORMAT = "modserve_grouped"  # worker.GroupedPacksLoader; its extra config: {"resident", "packs"}
 CPU_BLOCK_SIZE = 32
 CPU_KV_CACHE_GIB = "1"  # vLLM-CPU's own default claims a large share of host memory
 FEW_CPUS = 8  # up to here, the core vLLM-CPU keeps for its scheduler costs an eighth or more
@@ -19,20 +21,21 @@ PARALLEL_SIZES = ("tensor_parallel_size", "pipeline_parallel_size", "data_parall
 
 def engine_arguments(
     resident: Path, dtype: str, max_model_len: int, max_num_seqs: int, user: dict, pack_mode: str,
-    extension: str, lora: dict,
+    packs: dict[str, Path], lora: dict,
 ) -> dict:
     """vLLM's engine arguments: the user's, with what modserve needs on top (its worker
-    extension, eager execution for pack_mode grouped, LoRA slots for pack_mode lora)."""
-    if "worker_extension_cls" in user:
-        raise ModserveError("engine.vllm.worker_extension_cls: modserve sets it (packs are swapped by it)")
-    eager = {}
-    if pack_mode == "grouped":  # a compiled graph would freeze one step's split by language
-        if user.get("enforce_eager", True) is not True:
-            raise ModserveError("engine.vllm.enforce_eager: pack_mode grouped runs eagerly; leave it unset or true")
+    extension; for pack_mode grouped, its loader, which puts the packs into the model as vLLM
+    loads it; LoRA slots for pack_mode lora)."""
+    for owned in ("worker_extension_cls", *(("load_format", "model_loader_extra_config") if pack_mode == "grouped" else ())):
+        if owned in user:
+            raise ModserveError(f"engine.vllm.{owned}: modserve sets it (packs are swapped or grouped by it)")
+    grouped = {}
+    if pack_mode == "grouped":
         for parallel in ("tensor_parallel_size", "pipeline_parallel_size"):
             if user.get(parallel, 1) != 1:
                 raise ModserveError(f"engine.vllm.{parallel}: pack_mode grouped runs on one worker; leave it 1")
-        eager = {"enforce_eager": True}
+        spec = {"resident": str(resident), "packs": {lang: str(path) for lang, path in packs.items()}}
+        grouped = {"load_format": GROUPED_LOAD_FORMAT, "model_loader_extra_config": {GROUPED_LOAD_FORMAT: spec}}
     return {
         "model": str(resident),
         "dtype": dtype,
@@ -40,9 +43,9 @@ def engine_arguments(
         "max_num_seqs": max_num_seqs,
         "disable_log_stats": True,  # modserve's metrics; its stat logger still sees every step
         **user,
-        **eager,
+        **grouped,
         **lora,
-        "worker_extension_cls": extension,
+        "worker_extension_cls": EXTENSION,
         # compact JSON, as the native backend writes it (see engine.structured)
         "structured_outputs_config": {
             "backend": "xgrammar", **user.get("structured_outputs_config", {}), "disable_any_whitespace": True,

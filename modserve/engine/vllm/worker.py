@@ -6,27 +6,35 @@ worker is where the weights live, so the packs are read, verified and kept there
 swap is a host-to-device copy through vLLM's layer-wise reload, with no file written
 or parsed per swap, and what is swapped in is exactly what was verified.
 
-This module is imported inside vLLM's processes; the engine only names it (`EXTENSION`).
+`engine.pack_mode: grouped` loads the model through `GroupedPacksLoader` instead: the packs
+join the model as it loads, before vLLM compiles it.
+
+This module is imported inside vLLM's processes; the engine only names it
+(`startup.EXTENSION`, `startup.GROUPED_LOAD_FORMAT`). Importing it registers the loader.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
+import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from vllm.model_executor.model_loader import DefaultModelLoader, register_model_loader
 
 from modserve.checkpoint import Checkpoint, layer_index
-from modserve.engine.vllm.grouped import UnsupportedPackError, group_packs
+from modserve.engine.vllm.grouped import StepLanguages, UnsupportedPackError, group_packs
+from modserve.engine.vllm.startup import GROUPED_LOAD_FORMAT
 from modserve.errors import ModserveError
 from modserve.languages import RESIDENT
 from modserve.packs.delta import exact_tensors
 from modserve.packs.format import ResidentHashes, load_verified_pack
 
-EXTENSION = f"{__name__}.PackSwapExtension"
 # vLLM warns about every module a reload leaves alone; a pack leaves most alone on purpose.
 PARTIAL_RELOAD_WARNINGS = ("Following weights were not loaded", "%s: Failed to load weights")
 RELOAD_LOGGERS = (
@@ -142,31 +150,62 @@ class PackSwapExtension:
             self.reload_weights(weights_iterator=weights, is_checkpoint_format=True)
         self.modserve_current = target
 
-    def modserve_group_packs(self, resident: str, packs: dict[str, str]) -> dict:
-        """pack_mode grouped: verify every pack, then run each beside the resident in every step
-        (`grouped`). {"packs": per language {"bytes", "seconds"} or {"error"} (the others still
-        serve), "error": why no pack can run this way, or None}."""
-        from vllm.config import CompilationMode
+    def modserve_group_packs(self) -> dict:
+        """pack_mode grouped: what the loader made of the packs, {"packs": per language {"bytes",
+        "seconds"} or {"error"} (the others still serve), "error": why no pack can run this way,
+        or None}; from now on each step's rows go to their languages' layers."""
+        grouping = self.model_runner.get_model().modserve_grouping
+        if grouping.languages is not None:
+            grouping.languages.bind(self.model_runner)
+        return {"packs": grouping.packs, "error": grouping.error}
 
-        config = self.vllm_config
-        if config.parallel_config.world_size != 1:
-            return {"packs": {}, "error": "engine.pack_mode: grouped runs on one worker (tensor and pipeline parallel size 1)"}
-        if config.compilation_config.mode != CompilationMode.NONE:
-            return {"packs": {}, "error": "engine.pack_mode: grouped needs engine.vllm.enforce_eager: true"}
-        checkpoint = Checkpoint(Path(resident))
+
+@dataclass
+class Grouping:
+    """What `GroupedPacksLoader` did with the packs, kept on the model for the engine to ask."""
+
+    packs: dict  # per language {"bytes", "seconds"} or {"error"}
+    error: str | None = None  # why no pack can run this way
+    languages: StepLanguages | None = None
+
+
+@register_model_loader(GROUPED_LOAD_FORMAT)
+class GroupedPacksLoader(DefaultModelLoader):
+    """vLLM's safetensors loader, then every pack verified and run beside the resident in each
+    layer it swaps (`grouped`): wrapped before vLLM compiles the model, so its graph calls them."""
+
+    def __init__(self, load_config):
+        own = copy.copy(load_config)
+        extra = dict(load_config.model_loader_extra_config)
+        self._spec = extra.pop(GROUPED_LOAD_FORMAT)
+        own.model_loader_extra_config, own.load_format = extra, "safetensors"
+        super().__init__(own)
+
+    def load_model(self, vllm_config, model_config, prefix: str = "") -> torch.nn.Module:
+        model = super().load_model(vllm_config, model_config, prefix)
+        model.modserve_grouping = self._group(model, vllm_config, model_config.dtype)
+        # vLLM keys the compiled graphs it keeps on disk by its config, which does not see what
+        # the packs wrapped: this process (the engine core's) compiles afresh and keeps nothing.
+        os.environ["VLLM_DISABLE_COMPILE_CACHE"] = "1"
+        return model
+
+    def _group(self, model: torch.nn.Module, vllm_config, dtype: torch.dtype) -> Grouping:
+        if vllm_config.parallel_config.world_size != 1:
+            return Grouping({}, "engine.pack_mode: grouped runs on one worker (tensor and pipeline parallel size 1)")
+        checkpoint = Checkpoint(Path(self._spec["resident"]))
         hashes = ResidentHashes(checkpoint)
         verified, reports = {}, {}
-        for language, path in packs.items():
+        for language, path in self._spec["packs"].items():
             start = time.perf_counter()
             try:  # as stored: a delta pack keeps its factors
                 verified[language] = load_verified_pack(Path(path), hashes, language)
             except ModserveError as err:
                 reports[language] = {"error": str(err)}
                 continue
-            size = sum(t.numel() * self.model_config.dtype.itemsize for t in verified[language][1].values())
+            size = sum(t.numel() * dtype.itemsize for t in verified[language][1].values())
             reports[language] = {"bytes": size, "seconds": time.perf_counter() - start}
         try:
-            group_packs(self.model_runner, verified, checkpoint, self.model_config.dtype)
+            languages = group_packs(model, verified, checkpoint, dtype, vllm_config.device_config.device)
         except UnsupportedPackError as err:
-            return {"packs": reports, "error": str(err)}
-        return {"packs": reports, "error": None}
+            return Grouping(reports, str(err))
+        return Grouping(reports, languages=languages)
