@@ -28,7 +28,6 @@ from modserve.engine.base import (
 from modserve.engine.vllm.engine import VllmEngine
 from modserve.engine.vllm.policy import LanguageGroups
 from modserve.engine.vllm.requests import request_language
-from modserve.engine.vllm.worker import PackStore
 from modserve.errors import ModserveError
 from modserve.packs.build import BuildJob, build_packs
 from modserve.packs.lowrank import RankChoice
@@ -371,6 +370,9 @@ async def test_a_failed_swap_fails_its_group_and_the_next_swap_restores_everythi
 
 
 async def test_a_swap_sends_whole_layers_of_the_target_and_the_resident_layers_the_last_one_changed(demo, extra_packs):
+    # worker imports vLLM: here, after the module's importorskip
+    from modserve.engine.vllm.worker import PackStore
+
     store = PackStore(demo.resident, torch.float32, pin=False)
     for lang in ["sw", "fr"]:
         store.load(lang, demo.packs[lang] if lang == "sw" else extra_packs["fr"])
