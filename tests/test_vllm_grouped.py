@@ -74,8 +74,9 @@ async def test_a_mixed_language_batch_equals_each_merged_checkpoint_without_a_sw
     assert engine.stats().packs_by_tier == {"device": 5, "host": 0, "disk": 0}
 
 
-async def test_the_model_compiles_as_vllm_chooses_and_no_compiled_graph_is_kept_for_another_start(engine, demo, compile_cache):
-    """vLLM's on-disk graphs are keyed by its config, which does not see what the packs wrapped."""
+async def test_grouped_leaves_compilation_to_vllm_and_keeps_no_compiled_graph_for_another_start(engine, demo, compile_cache):
+    """vLLM's on-disk graphs are keyed by its config, which does not see what the packs wrapped
+    (this module's engine compiles: the other tests here run the compiled model)."""
     args = engine_arguments(demo.resident, "float32", 512, 16, {}, "grouped", demo.packs, {})
     assert "enforce_eager" not in args and args["load_format"] == GROUPED_LOAD_FORMAT
     assert not [p for p in compile_cache.rglob("*") if p.is_file() and "torch_compile_cache" in p.parts]
@@ -128,6 +129,12 @@ async def test_a_pack_with_tensors_outside_the_layers_stops_the_start_naming_it(
 async def test_grouped_is_refused_where_it_cannot_take_effect(demo):
     with pytest.raises(ModserveError, match="engine.vllm.load_format: modserve sets it"):
         await grouped_engine(demo, demo.packs, load_format="safetensors").start()
+    from vllm.config import LoadConfig
+
+    from modserve.engine.vllm.worker import GroupedPacksLoader  # registered with vLLM by its import
+
+    with pytest.raises(ValueError, match="set engine.pack_mode: grouped instead"):  # the loader without packs
+        GroupedPacksLoader(LoadConfig(load_format=GROUPED_LOAD_FORMAT))
     with pytest.raises(ModserveError, match="engine.vllm.tensor_parallel_size: pack_mode grouped runs on one worker"):
         await grouped_engine(demo, demo.packs, tensor_parallel_size=2).start()
     with pytest.raises(ModserveError, match="pack_mode: grouped needs backend: vllm"):

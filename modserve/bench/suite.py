@@ -79,6 +79,7 @@ def run_suite(options: BenchOptions, console: Console | None = None) -> dict:
                             options.rate, options.concurrency)
 
         failed: list[dict] = []
+        native = "native" in available_backends(options)
 
         async def attempt(name: str, scenario, results: list[run.ScenarioResult]) -> None:
             """One scenario's figures; a scenario that fails is reported, and the rest still run."""
@@ -93,7 +94,6 @@ def run_suite(options: BenchOptions, console: Console | None = None) -> dict:
 
         async def one_pass() -> list[run.ScenarioResult]:
             results: list[run.ScenarioResult] = []
-            native = "native" in available_backends(options)
             if native:
                 await attempt("native: ceiling", run.ceiling(setup, workload(max(counts)), prompts), results)
             for n in counts if native else []:
@@ -123,7 +123,7 @@ def run_suite(options: BenchOptions, console: Console | None = None) -> dict:
             return results
 
         async def everything() -> None:
-            if "native" in available_backends(options):
+            if native:
                 console.log("warm-up (discarded): first-use costs would otherwise land on the first scenario")
                 await run.mixed(setup, workload(min(2, len(languages))), prompts)
             for k in range(options.repeats):

@@ -218,7 +218,7 @@ class VllmEngine(Engine):
         stays out of service with its reason, the others serve."""
         paths = {lang: str(path) for lang, path in self.packs.items()}
         if self.pack_mode == "grouped":
-            results = await self._llm.collective_rpc("modserve_group_packs")
+            results = await self._llm.collective_rpc("modserve_start_grouping")
             errors = [result["error"] for result in results if result["error"]]
             if errors:
                 raise ModserveError(errors[0])

@@ -150,7 +150,7 @@ class PackSwapExtension:
             self.reload_weights(weights_iterator=weights, is_checkpoint_format=True)
         self.modserve_current = target
 
-    def modserve_group_packs(self) -> dict:
+    def modserve_start_grouping(self) -> dict:
         """pack_mode grouped: what the loader made of the packs, {"packs": per language {"bytes",
         "seconds"} or {"error"} (the others still serve), "error": why no pack can run this way,
         or None}; from now on each step's rows go to their languages' layers."""
@@ -165,7 +165,7 @@ class Grouping:
     """What `GroupedPacksLoader` did with the packs, kept on the model for the engine to ask."""
 
     packs: dict  # per language {"bytes", "seconds"} or {"error"}
-    error: str | None = None  # why no pack can run this way
+    error: str | None = None  # why no pack can run this way (one worker is checked before vLLM starts)
     languages: StepLanguages | None = None
 
 
@@ -177,6 +177,8 @@ class GroupedPacksLoader(DefaultModelLoader):
     def __init__(self, load_config):
         own = copy.copy(load_config)
         extra = dict(load_config.model_loader_extra_config)
+        if GROUPED_LOAD_FORMAT not in extra:
+            raise ValueError(f"load_format {GROUPED_LOAD_FORMAT} is modserve's own: set engine.pack_mode: grouped instead")
         self._spec = extra.pop(GROUPED_LOAD_FORMAT)
         own.model_loader_extra_config, own.load_format = extra, "safetensors"
         super().__init__(own)
@@ -190,8 +192,6 @@ class GroupedPacksLoader(DefaultModelLoader):
         return model
 
     def _group(self, model: torch.nn.Module, vllm_config, dtype: torch.dtype) -> Grouping:
-        if vllm_config.parallel_config.world_size != 1:
-            return Grouping({}, "engine.pack_mode: grouped runs on one worker (tensor and pipeline parallel size 1)")
         checkpoint = Checkpoint(Path(self._spec["resident"]))
         hashes = ResidentHashes(checkpoint)
         verified, reports = {}, {}
