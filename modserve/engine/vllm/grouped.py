@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from modserve.checkpoint import Checkpoint
+from modserve.engine.vllm.lowrank import FEW_ROWS, EveryLanguageChange, LowRankChange, StackedDelta
 from modserve.engine.vllm.requests import request_language
 from modserve.errors import ModserveError
 from modserve.packs.delta import stored_parts
@@ -115,62 +116,12 @@ def merge_rows(parts: list[tuple[torch.Tensor, object]], rows: int):
 
 
 @dataclass
-class StackedDelta:
-    """Δ of one vLLM module as B·A per shard (q/k/v, gate/up; one shard elsewhere): the
-    shards share their input, so their A factors are stacked into one."""
-
-    a: torch.Tensor  # [sum of the shards' ranks, in]
-    b: list[torch.Tensor]  # per shard: [out_s, rank_s]
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return sum(b.shape[0] for b in self.b), self.a.shape[1]
-
-
-@dataclass
 class ModuleChange:
     """What a pack changes in one vLLM module: parameters it replaces (run in a copy), or, for
-    a delta pack's linear, Δ (added to the resident's output) and its bias change."""
+    a delta pack's linear, Δ (added to the resident's output) with its bias change."""
 
     params: dict[str, torch.Tensor] = field(default_factory=dict)
     delta: StackedDelta | None = None
-    bias_delta: torch.Tensor | None = None
-
-
-class FactorLinear(nn.Module):
-    """One factor run as a linear of the module it changes, through that module's own weight
-    processing and kernel (oneDNN on CPU: 2-6x faster than F.linear at these shapes)."""
-
-    def __init__(self, base: nn.Module, weight: torch.Tensor):
-        super().__init__()
-        self.weight = nn.Parameter(weight.contiguous(), requires_grad=False)
-        self._method = base.quant_method
-        self._method.process_weights_after_loading(self)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._method.apply(self, x)
-
-
-class LowRankChange(nn.Module):
-    """x ↦ Δ·x + Δbias for one language: A once over the shared input, each shard's B on its
-    own rank slice (a block-diagonal B would multiply its zeros too)."""
-
-    def __init__(self, base: nn.Module, delta: StackedDelta, bias: torch.Tensor | None, device, dtype):
-        super().__init__()
-        on = {"device": device, "dtype": dtype}
-        self._a = FactorLinear(base, delta.a.to(**on))
-        self._b = nn.ModuleList(FactorLinear(base, b.to(**on)) for b in delta.b)
-        self._ranks = [b.shape[1] for b in delta.b]
-        self._bias = None if bias is None else bias.to(**on)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        z = self._a.forward(x)  # forward, not __call__: no hooks to run, and a step makes hundreds of these
-        if len(self._b) == 1:
-            change = self._b[0].forward(z)
-        else:
-            slices = z.split(self._ranks, dim=1)
-            change = torch.cat([b.forward(part) for b, part in zip(self._b, slices, strict=True)], dim=1)
-        return change if self._bias is None else change + self._bias
 
 
 WRAPPERS: weakref.WeakValueDictionary[int, GroupedModule] = weakref.WeakValueDictionary()  # by op key
@@ -210,6 +161,8 @@ class GroupedModule(nn.Module):
         self._base = base
         self._copies: dict[int, nn.Module] = {}
         self._deltas: dict[int, LowRankChange] = {}
+        self._every: EveryLanguageChange | None = None  # every group's delta at once
+        self._pending: dict[int, StackedDelta] = {}
         self._languages = languages
         self.out_features = getattr(base, "output_size_per_partition", None)  # None: a norm
         self._returns_bias = self.out_features is not None and getattr(base, "return_bias", True)
@@ -234,7 +187,16 @@ class GroupedModule(nn.Module):
                     self._unit = module_copy(self._base, {"weight": torch.ones_like(weight)}, device, dtype)
                 self._gains[group] = self._copies[group].weight.detach()
         if change.delta is not None:
-            self._deltas[group] = LowRankChange(self._base, change.delta, change.bias_delta, device, dtype)
+            delta = change.delta.to(device, dtype)
+            self._deltas[group] = LowRankChange(self._base, delta)
+            self._pending[group] = delta
+
+    def finish(self) -> None:
+        """After every group's `add`: stack the deltas for steps of few rows (their factors are
+        held twice, since vLLM's weight processing packs each factor for its own kernel)."""
+        if self._pending:
+            self._every = EveryLanguageChange(self._base, self._pending, self._languages.size)
+            self._pending = {}
 
     def run(self, x: torch.Tensor, *rest: torch.Tensor):
         """The op's work, in outputs that never alias its inputs."""
@@ -253,13 +215,17 @@ class GroupedModule(nn.Module):
                 idx = torch.cat(shared)
                 parts.append((idx, self._base(*rows_of((x, *rest), idx))))
             out = merge_rows(parts, x.shape[0])
-        for g, idx in groups:
-            if g in self._deltas:
-                y = out[0] if isinstance(out, tuple) else out  # a linear's (output, bias) or output
-                if idx is None:
-                    y += self._deltas[g].forward(x)
-                else:
-                    y.index_add_(0, idx, self._deltas[g].forward(x.index_select(0, idx)))
+        changed = [(g, idx) for g, idx in groups if g in self._deltas]
+        if changed:
+            y = out[0] if isinstance(out, tuple) else out  # a linear's (output, bias) or output
+            if len(changed) > 1 and x.shape[0] <= FEW_ROWS:
+                y += self._every.forward(x, self._languages.row_groups())
+            else:
+                for g, idx in changed:
+                    if idx is None:
+                        y += self._deltas[g].forward(x)
+                    else:
+                        y.index_add_(0, idx, self._deltas[g].forward(x.index_select(0, idx)))
         return unbiased(out)
 
     def scaled_norm(self, x: torch.Tensor, rest: tuple[torch.Tensor, ...]):
@@ -290,13 +256,12 @@ def module_changes(model: nn.Module, manifest, stored: dict[str, torch.Tensor], 
     changes: dict[str, ModuleChange] = defaultdict(ModuleChange)
     for path, _, names in by_module(model, factors):
         changes[path].delta = StackedDelta(
-            a=torch.cat([factors[name][0].float() for name in names]),
-            b=[factors[name][1].float() for name in names],
+            a=torch.cat([factors[name][0].float() for name in names]), b=[factors[name][1].float() for name in names]
         )
     for path, param, names in by_module(model, whole):
         tensor = torch.cat([whole[name] for name in names])
         if param == "bias" and changes[path].delta is not None:
-            changes[path].bias_delta = tensor.float() - torch.cat([resident.get(name) for name in names]).float()
+            changes[path].delta.bias = tensor.float() - torch.cat([resident.get(name) for name in names]).float()
         else:
             changes[path].params[param] = tensor
     return dict(changes)
@@ -348,8 +313,8 @@ def checked_module(model: nn.Module, path: str, change: ModuleChange) -> nn.Modu
     shapes = {param: tuple(tensor.shape) for param, tensor in change.params.items()}
     if change.delta is not None:
         shapes["weight"] = change.delta.shape
-    if change.bias_delta is not None:
-        shapes["bias"] = tuple(change.bias_delta.shape)
+    if change.delta is not None and change.delta.bias is not None:
+        shapes["bias"] = tuple(change.delta.bias.shape)
     for param, shape in shapes.items():
         expected = None
         if linear and param == "weight":
@@ -392,4 +357,6 @@ def group_packs(model: nn.Module, packs: dict[str, tuple], resident: Checkpoint,
                 parent, _, leaf = path.rpartition(".")
                 setattr(model.get_submodule(parent), leaf, wrappers[path])
             wrappers[path].add(group, change, device, dtype)
+    for wrapper in wrappers.values():
+        wrapper.finish()
     return languages
