@@ -7,6 +7,7 @@ import asyncio
 
 import pytest
 import pytest_asyncio
+from safetensors.torch import load_file
 
 from modserve.config import load_serve_config
 from modserve.demo.builtin import DEMO_PLAN
@@ -15,6 +16,7 @@ from modserve.engine.vllm.engine import VllmEngine
 from modserve.engine.vllm.startup import GROUPED_LOAD_FORMAT, engine_arguments
 from modserve.errors import ModserveError
 from modserve.packs.build import BuildJob, build_packs
+from modserve.packs.format import BLOCKS
 from modserve.packs.lowrank import RankChoice
 from modserve.packs.merge import merge_pack
 from modserve.packs.plan import Plan
@@ -74,6 +76,17 @@ def prompts(engine) -> list[tuple[str, list[int]]]:
 async def test_a_mixed_language_batch_equals_each_merged_checkpoint_without_a_swap(engine, oracle):
     await assert_one_batch_of_every_language_equals_the_merges(engine, oracle, prompts(engine), NEW_TOKENS)
     assert engine.stats().packs_by_tier == {"device": 6, "host": 0, "disk": 0}
+
+
+async def test_the_bytes_reported_are_those_held_a_delta_packs_factors_twice(engine, demo, deltas):
+    """An exact pack holds its tensors; a delta pack its norms, and its factors once alone and
+    once stacked with every language's (fp32 here, as stored)."""
+    held = engine.stats().pack_bytes_by_tier["device"]
+    stored = {lang: load_file(path / BLOCKS) for lang, path in {**demo.packs, **deltas["packs"]}.items()}
+    size = {lang: sum(t.nbytes for t in tensors.values()) for lang, tensors in stored.items()}
+    factors = {lang: sum(t.nbytes for name, t in tensors.items() if ".lora_" in name) for lang, tensors in stored.items()}
+    assert factors["de"] and factors["fr"] and not factors["sw"]
+    assert held == sum(size.values()) + sum(factors.values())
 
 
 async def test_grouped_leaves_compilation_to_vllm_and_keeps_no_compiled_graph_for_another_start(engine, demo, compile_cache):

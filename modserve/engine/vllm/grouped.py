@@ -177,7 +177,10 @@ class GroupedModule(nn.Module):
         out = torch.ops.modserve.grouped(x, self._key)
         return (out, None) if self._returns_bias else out  # vLLM's linears: (output, bias to add)
 
-    def add(self, group: int, change: ModuleChange, device, dtype) -> None:
+    def add(self, group: int, change: ModuleChange, device, dtype) -> int:
+        """Returns the bytes this group's change holds: its copy's parameters, or its factors
+        twice (alone, and stacked with every language's: see `finish`) and its bias change."""
+        held = sum(t.numel() for t in change.params.values()) * dtype.itemsize
         if change.params:
             self._copies[group] = module_copy(self._base, change.params, device, dtype)
             if self.out_features is None:  # a norm (its weight is all a pack changes): see `scaled_norm`
@@ -190,6 +193,8 @@ class GroupedModule(nn.Module):
             delta = change.delta.to(device, dtype)
             self._deltas[group] = LowRankChange(self._base, delta)
             self._pending[group] = delta
+            held += 2 * (delta.a.nbytes + sum(b.nbytes for b in delta.b)) + (0 if delta.bias is None else delta.bias.nbytes)
+        return held
 
     def finish(self) -> None:
         """After every group's `add`: stack the deltas for steps of few rows (their factors are
@@ -337,10 +342,13 @@ def module_copy(base: nn.Module, params: dict[str, torch.Tensor], device, dtype)
     return clone
 
 
-def group_packs(model: nn.Module, packs: dict[str, tuple], resident: Checkpoint, dtype, device) -> StepLanguages:
+def group_packs(
+    model: nn.Module, packs: dict[str, tuple], resident: Checkpoint, dtype, device
+) -> tuple[StepLanguages, dict[str, int]]:
     """Wrap every module any pack changes and give it each pack's change; `packs` holds each
-    language's verified (manifest, stored tensors). Every pack is checked before the model is
-    touched, so a pack that cannot run leaves it as it was."""
+    language's verified (manifest, stored tensors). Returns the step's languages and the bytes
+    each language's changes hold. Every pack is checked before the model is touched, so a pack
+    that cannot run leaves it as it was."""
     plans = {}
     for language, (manifest, stored) in packs.items():
         try:
@@ -350,13 +358,14 @@ def group_packs(model: nn.Module, packs: dict[str, tuple], resident: Checkpoint,
             raise UnsupportedPackError(f"packs.{language}: pack_mode grouped cannot run {err}") from None
     languages = StepLanguages(sorted(packs))
     wrappers: dict[str, GroupedModule] = {}
+    held = dict.fromkeys(packs, 0)
     for group, language in enumerate(sorted(packs), start=1):
         for path, base, change in plans[language]:
             if path not in wrappers:
                 wrappers[path] = GroupedModule(base, languages)
                 parent, _, leaf = path.rpartition(".")
                 setattr(model.get_submodule(parent), leaf, wrappers[path])
-            wrappers[path].add(group, change, device, dtype)
+            held[language] += wrappers[path].add(group, change, device, dtype)
     for wrapper in wrappers.values():
         wrapper.finish()
-    return languages
+    return languages, held

@@ -202,10 +202,11 @@ class GroupedPacksLoader(DefaultModelLoader):
             except ModserveError as err:
                 reports[language] = {"error": str(err)}
                 continue
-            size = sum(t.numel() * dtype.itemsize for t in verified[language][1].values())
-            reports[language] = {"bytes": size, "seconds": time.perf_counter() - start}
+            reports[language] = {"seconds": time.perf_counter() - start}
         try:
-            languages = group_packs(model, verified, checkpoint, dtype, vllm_config.device_config.device)
+            languages, held = group_packs(model, verified, checkpoint, dtype, vllm_config.device_config.device)
         except UnsupportedPackError as err:
             return Grouping(reports, str(err))
+        for language, size in held.items():
+            reports[language]["bytes"] = size
         return Grouping(reports, languages=languages)
