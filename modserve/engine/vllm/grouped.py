@@ -178,8 +178,8 @@ class GroupedModule(nn.Module):
         return (out, None) if self._returns_bias else out  # vLLM's linears: (output, bias to add)
 
     def add(self, group: int, change: ModuleChange, device, dtype) -> int:
-        """Returns the bytes this group's change holds: its copy's parameters, or its factors
-        twice (alone, and stacked with every language's: see `finish`) and its bias change."""
+        """Returns the bytes this group's change holds: its copy's parameters, or its factors and
+        bias change twice (alone, and stacked with every language's: see `finish`)."""
         held = sum(t.numel() for t in change.params.values()) * dtype.itemsize
         if change.params:
             self._copies[group] = module_copy(self._base, change.params, device, dtype)
@@ -193,7 +193,7 @@ class GroupedModule(nn.Module):
             delta = change.delta.to(device, dtype)
             self._deltas[group] = LowRankChange(self._base, delta)
             self._pending[group] = delta
-            held += 2 * (delta.a.nbytes + sum(b.nbytes for b in delta.b)) + (0 if delta.bias is None else delta.bias.nbytes)
+            held += 2 * (delta.a.nbytes + sum(b.nbytes for b in delta.b) + (0 if delta.bias is None else delta.bias.nbytes))
         return held
 
     def finish(self) -> None:
