@@ -29,6 +29,8 @@ def engine_arguments(
     for owned in ("worker_extension_cls", *(("load_format", "model_loader_extra_config") if pack_mode == "grouped" else ())):
         if owned in user:
             raise ModserveError(f"engine.vllm.{owned}: modserve sets it (packs are swapped or grouped by it)")
+    if user.get("load_format") == GROUPED_LOAD_FORMAT:  # vLLM's start would fail with no word of why
+        raise ModserveError(f"engine.vllm.load_format: {GROUPED_LOAD_FORMAT} is modserve's own; set engine.pack_mode: grouped")
     grouped = {}
     if pack_mode == "grouped":
         for parallel in ("tensor_parallel_size", "pipeline_parallel_size"):
