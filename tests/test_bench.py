@@ -11,20 +11,26 @@ from matplotlib.image import imread
 from safetensors.torch import load_file
 
 from modserve.bench.models import (
+    DELTA_TOP1_FLOOR,
     PLANS,
     SPECS,
+    build_delta_packs,
     default_delta_rank,
     pack_parameters,
     parameter_shapes,
+    rank_ladder,
 )
 from modserve.bench.report import markdown, write
 from modserve.bench.run import Counting, ScenarioResult, rehearsed
 from modserve.bench.suite import BenchOptions, combine, ratios, run_suite
 from modserve.bench.workloads import Workload, load_prompts, make_requests
 from modserve.checkpoint import layer_index
-from modserve.demo.finetune import Recipe, layer_sets, train_family
+from modserve.demo.finetune import HELD_OUT, Recipe, layer_sets, read_questions, train_family
 from modserve.demo.synthetic import TinySpec
 from modserve.errors import ModserveError
+from modserve.packs.build import BuildJob
+from modserve.packs.fidelity import REPOSITORY_MGSM
+from modserve.packs.format import read_manifest
 from modserve.packs.lowrank import RankChoice, factorize
 
 QUICK_RECIPE = Recipe(base_steps=24, expert_steps=8, batch_size=4, score_questions=2)
@@ -89,6 +95,23 @@ def test_medium_model_is_the_issues_181m_llama_and_its_delta_rank_fits_the_budge
     assert rank == 96 and fits[0] <= 0.3 < fits[1]
     exact = pack_parameters(shapes, plan, spec.num_layers, None)
     assert exact == 5 * (11_274_240)  # five whole layers
+
+
+def test_each_delta_pack_takes_the_smallest_rank_that_keeps_the_fidelity_floor(trained, tmp_path):
+    """A rank below the floor is passed over, a rank that keeps it ends the search for that language."""
+    assert rank_ladder(96) == [16, 32, 64, 96] and rank_ladder(16) == [16] and rank_ladder(40) == [16, 32, 40]
+    jobs = [BuildJob(lang, path, PLANS["tiny"]) for lang, path in trained.family.languages.items()]
+    prompts = {lang: read_questions(REPOSITORY_MGSM, lang, slice(HELD_OUT, HELD_OUT + 2)) for lang in ("sw", "te")}
+    full = 704  # above every matrix's rank: capped, so exact up to float rounding
+
+    climbed = build_delta_packs(trained.family.math, jobs, tmp_path / "up", prompts, [1, full])
+    for lang, pack in climbed.items():
+        assert read_manifest(tmp_path / "up" / "rank-1" / f"{lang}.pack").fidelity["top1_agreement"] < DELTA_TOP1_FLOOR
+        assert read_manifest(pack).delta["rank"] == full and read_manifest(pack).fidelity["top1_agreement"] >= DELTA_TOP1_FLOOR
+
+    stopped = build_delta_packs(trained.family.math, jobs, tmp_path / "down", prompts, [full, 1])
+    assert {lang: read_manifest(p).delta["rank"] for lang, p in stopped.items()} == {"sw": full, "te": full}
+    assert not (tmp_path / "down" / "rank-1").exists()
 
 
 def row(scenario, backend, languages, tokens_per_s, weight_bytes=1, ttft_p99_ms=1.0):
@@ -183,7 +206,8 @@ def test_bench_runs_every_scenario_and_writes_json_table_and_plot(tmp_path):
     assert figures["memory_4deltapacks_vs_4models"] < figures["memory_4packs_vs_4models"]
     assert 0.0 < figures["delta_top1_agreement"] <= 1.0
     model = report["model"]
-    assert model["delta"]["rank"] == 16 and model["held_out_top1"]["base"] > 2 * model["majority_byte_top1"]["base"]
+    assert model["delta"]["rank"] == {"sw": 16, "te": 16, "bn": 16, "ja": 16} and model["delta"]["lora_rank"] == 16
+    assert model["held_out_top1"]["base"] > 2 * model["majority_byte_top1"]["base"]
     assert set(figures["router"]) == {"py3langid", "langdetect"}
     swap4 = next(s for s in report["scenarios"] if (s["scenario"], s["languages"]) == ("swap_per_request", 4))
     mixed4 = next(s for s in report["scenarios"] if (s["scenario"], s["languages"]) == ("mixed", 4))

@@ -1,5 +1,6 @@
-"""A delta pack's linears in pack_mode grouped: every language's change at once equals each
-row's own language's B·A·x + Δbias, through vLLM's own linear kernels (oneDNN on CPU)."""
+"""A delta pack's linears in pack_mode grouped: every language's change at once, and each
+language's alone, add each row's own language's B·A·x + Δbias to the resident's output in place,
+through vLLM's own linear kernels (oneDNN on CPU)."""
 
 from __future__ import annotations
 
@@ -37,7 +38,7 @@ def dense(delta) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("shards", [[(48, 8)], [(64, 8), (16, 4), (16, 6)]], ids=["one shard", "q/k/v"])
-def test_every_language_at_once_gives_each_row_its_own_languages_change(shards):
+def test_every_language_at_once_and_each_language_alone_add_each_rows_own_languages_change(shards):
     from modserve.engine.vllm.lowrank import EveryLanguageChange, LowRankChange
 
     generator = torch.Generator().manual_seed(0)
@@ -47,15 +48,22 @@ def test_every_language_at_once_gives_each_row_its_own_languages_change(shards):
     deltas = {1: random_delta(shards, fan_in, False, generator), 3: random_delta(wider, fan_in, True, generator)}
     x = torch.randn(7, fan_in, generator=generator)
     row_groups = torch.tensor([3, 0, 1, 2, 1, 3, 0])
-
-    every = EveryLanguageChange(base, deltas, groups=4).forward(x, row_groups)
-
+    resident_out = torch.randn(7, sum(out for out, _ in shards), generator=generator)
+    expected = resident_out.clone()
     for row, group in enumerate(row_groups.tolist()):
-        delta = deltas.get(group)
-        expected = torch.zeros(every.shape[1]) if delta is None else dense(delta) @ x[row]
-        if delta is not None and delta.bias is not None:
-            expected += delta.bias
-        torch.testing.assert_close(every[row], expected, rtol=1e-4, atol=1e-4)
-        if delta is not None:
-            alone = LowRankChange(base, delta).forward(x[row : row + 1])[0]
-            torch.testing.assert_close(alone, expected, rtol=1e-4, atol=1e-4)
+        if group in deltas:
+            expected[row] += dense(deltas[group]) @ x[row] + (0 if deltas[group].bias is None else deltas[group].bias)
+
+    every = resident_out.clone()
+    EveryLanguageChange(base, deltas, groups=4).add_to(every, x, row_groups)
+    torch.testing.assert_close(every, expected, rtol=1e-4, atol=1e-4)
+
+    alone = resident_out.clone()
+    for group, delta in deltas.items():
+        LowRankChange(base, delta).add_to(alone, x, torch.nonzero(row_groups == group).flatten())
+    torch.testing.assert_close(alone, expected, rtol=1e-4, atol=1e-4)
+
+    one_language = deltas[3]
+    whole = resident_out.clone()
+    LowRankChange(base, one_language).add_to(whole, x)  # a step of one language: every row, no gather
+    torch.testing.assert_close(whole, resident_out + x @ dense(one_language).T + one_language.bias, rtol=1e-4, atol=1e-4)

@@ -4,17 +4,19 @@ packs, and one merged checkpoint per language (the ceiling and the N-models base
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from modserve.bench import run
 from modserve.bench.workloads import BENCH_LANGUAGES
-from modserve.demo.finetune import Recipe, train_family
+from modserve.demo.finetune import HELD_OUT, Recipe, read_questions, train_family
 from modserve.demo.synthetic import TinySpec, hf_config
 from modserve.errors import ModserveError
 from modserve.packs.build import BuildJob, build_packs
 from modserve.packs.delta import is_factored
+from modserve.packs.fidelity import REPOSITORY_MGSM
 from modserve.packs.format import read_manifest
 from modserve.packs.lowrank import RankChoice
 from modserve.packs.merge import merge_pack
@@ -44,7 +46,11 @@ RECIPES = {
     "medium": Recipe(base_steps=0, expert_steps=2, batch_size=2, score_questions=0),
 }
 DELTA_MEMORY_BUDGET = 0.3  # resident + 4 delta packs, as a fraction of 4 full models
-FIDELITY_PROMPTS = 4  # per language: what delta packs are measured on against their exact packs
+# Each language's delta pack takes the smallest rank whose teacher-forced top-1 agreement with
+# its exact pack reaches this, on held-out MGSM questions (rows no bench model trained on).
+DELTA_TOP1_FLOOR = 0.99
+FIDELITY_QUESTIONS = 8
+SMALLEST_DELTA_RANK = 16
 
 
 def parameter_shapes(spec: TinySpec) -> dict[str, torch.Size]:
@@ -85,16 +91,42 @@ def default_delta_rank(shapes: dict[str, torch.Size], plan: Plan, num_layers: in
     return low - low % 8 if low >= 8 else low
 
 
-def prepare(options, workdir: Path, prompts: dict[str, list[str]]) -> tuple[run.Setup, dict]:
+def rank_ladder(cap: int) -> list[int]:
+    """The ranks a language's delta pack may take: 16, 32, 64, ... below the memory cap, then the cap."""
+    ranks, rank = [], SMALLEST_DELTA_RANK
+    while rank < cap:
+        ranks.append(rank)
+        rank *= 2
+    return [*ranks, cap]
+
+
+def build_delta_packs(
+    resident: Path, jobs: list[BuildJob], out: Path, prompts: dict[str, list[str]], ranks: list[int]
+) -> dict[str, Path]:
+    """Each language's delta pack at the smallest of `ranks` keeping DELTA_TOP1_FLOOR top-1
+    agreement with its exact pack on `prompts` (the last rank where none does): fidelity sets
+    the rank, and a language whose change a low rank carries holds no more."""
+    chosen: dict[str, Path] = {}
+    for k, rank in enumerate(ranks):
+        left = [replace(job, delta=RankChoice(rank=rank)) for job in jobs if job.language not in chosen]
+        for language, pack in by_language(build_packs(resident, left, out / f"rank-{rank}", False, prompts)).items():
+            if k == len(ranks) - 1 or read_manifest(pack).fidelity["top1_agreement"] >= DELTA_TOP1_FLOOR:
+                chosen[language] = pack
+        if len(chosen) == len(jobs):
+            break
+    return chosen
+
+
+def prepare(options, workdir: Path) -> tuple[run.Setup, dict]:
     """Resident, exact packs, delta packs (synthetic models: they need the experts), merged checkpoints."""
     delta: dict[str, Path] = {}
-    fidelity: dict[str, dict] = {}
     if options.resident is not None:
         resident, packs = options.resident, dict(options.packs)
         if not packs:
             raise ModserveError("--pack: give at least one LANG=PATH with --resident")
         model = {"resident": str(resident), "languages": sorted(packs)}
-        rank = options.delta_rank  # LoRA adapters only (no experts, no delta packs); None: full rank
+        # LoRA adapters only (no experts, no delta packs); None: full rank
+        model["delta"] = {"rank": {}, "lora_rank": options.delta_rank, "fidelity": {}}
     else:
         spec, plan, recipe = SPECS[options.model], PLANS[options.model], RECIPES[options.model]
         languages = BENCH_LANGUAGES[: max(options.language_counts)]
@@ -104,23 +136,28 @@ def prepare(options, workdir: Path, prompts: dict[str, list[str]]) -> tuple[run.
         resident = trained.family.math
         jobs = [BuildJob(lang, path, plan) for lang, path in trained.family.languages.items()]
         packs = by_language(build_packs(resident, jobs, workdir / "packs", progress=False))
-        rank = options.delta_rank or default_delta_rank(parameter_shapes(spec), plan, spec.num_layers)
-        delta_jobs = [BuildJob(job.language, job.expert, plan, delta=RankChoice(rank=rank)) for job in jobs]
-        measured_on = {lang: prompts[lang][:FIDELITY_PROMPTS] for lang in languages if lang in prompts}
-        delta = by_language(build_packs(resident, delta_jobs, workdir / "delta-packs", False, measured_on))
-        fidelity = {lang: read_manifest(p).fidelity for lang, p in delta.items()}
+        cap = default_delta_rank(parameter_shapes(spec), plan, spec.num_layers)
+        ranks = [options.delta_rank] if options.delta_rank else rank_ladder(cap)
+        held_out = slice(HELD_OUT, HELD_OUT + FIDELITY_QUESTIONS)
+        measured_on = {lang: read_questions(REPOSITORY_MGSM, lang, held_out) for lang in languages}
+        delta = build_delta_packs(resident, jobs, workdir / "delta-packs", measured_on, ranks)
+        manifests = {lang: read_manifest(p) for lang, p in delta.items()}
+        chosen = {lang: m.delta["rank"] for lang, m in manifests.items()}
         model = {
             "synthetic": options.model, "spec": spec.__dict__, "plan": plan.to_dict(), "recipe": recipe.__dict__,
             "experts_seconds": trained_seconds, "held_out_top1": trained.held_out_top1,
             "majority_byte_top1": trained.majority_top1,
+            "delta": {  # LoRA adapters: one rank for all, the largest a delta pack took
+                "rank": chosen, "lora_rank": max(chosen.values()), "ranks_tried": ranks, "top1_floor": DELTA_TOP1_FLOOR,
+                "fidelity": {lang: m.fidelity for lang, m in manifests.items()},
+            },
         }
     merged = {lang: merge_pack(resident, pack, workdir / "merged" / lang, progress=False) for lang, pack in packs.items()}
     manifest = read_manifest(next(iter(packs.values())))
     model["swapped_layers"] = manifest.layers
     model["num_layers"] = manifest.num_layers
-    model["delta"] = {"rank": rank, "fidelity": fidelity}  # LoRA adapters get the same rank
     setup = run.Setup(
-        resident=Path(resident), packs=packs, merged=merged, delta_packs=delta, lora_rank=rank,
+        resident=Path(resident), packs=packs, merged=merged, delta_packs=delta, lora_rank=model["delta"]["lora_rank"],
         device=options.device, dtype=options.dtype, max_batch_size=options.concurrency,
         vllm_args=options.vllm_args, max_model_len=2048 if options.mgsm else 512,  # MGSM questions run to 1,663 bytes
     )

@@ -19,6 +19,14 @@ LINES = {
 }
 
 
+def describe_ranks(delta: dict) -> str:
+    """The delta packs' ranks for a label: one number, or each language's."""
+    ranks = delta["rank"]
+    if len(set(ranks.values())) == 1:
+        return f"rank {next(iter(ranks.values()))}"
+    return "ranks " + ", ".join(f"{lang} {rank}" for lang, rank in ranks.items())
+
+
 def markdown(report: dict) -> str:
     head = (
         "| scenario | backend | langs | tok/s | req/s | TTFT p50 / p99 ms | ITL p50 / p99 ms "
@@ -49,8 +57,14 @@ def markdown(report: dict) -> str:
             f"- experts trained in {model['experts_seconds']:.0f} s; held-out top-1 / most frequent byte's: "
             + ", ".join(f"{name} {top1[name]:.2f} / {guess[name]:.2f}" for name in top1)
         )
-    if model.get("delta"):
-        figures.append(f"- delta packs and LoRA adapters: rank {model['delta']['rank'] or 'full'}")
+    delta = model.get("delta") or {}
+    if delta.get("rank"):
+        tried = delta.get("ranks_tried", [])
+        rule = (f" (each the smallest of {', '.join(map(str, tried))} keeping top-1 agreement ≥ {delta['top1_floor']} "
+                "with its exact pack)" if len(tried) > 1 else "")
+        figures.append(f"- delta packs: {describe_ranks(delta)}{rule}")
+    if delta:
+        figures.append(f"- LoRA adapters: rank {delta['lora_rank'] or 'full'}")
     figures += [f"- **failed**: {f['scenario']}: {f['error']}" for f in report.get("failed", [])]
     api = report["api"]
     figures.append(

@@ -18,6 +18,7 @@ from modserve import __version__
 from modserve.bench import run
 from modserve.bench.models import SPECS, prepare
 from modserve.bench.overhead import api_overhead, router_latency
+from modserve.bench.report import describe_ranks
 from modserve.bench.workloads import BENCH_LANGUAGES, Workload, load_prompts
 from modserve.errors import ModserveError
 
@@ -42,7 +43,7 @@ class BenchOptions:
     backends: tuple[str, ...] = ("native", "vllm", "vllm-grouped", "vllm-lora")
     vllm_args: dict = field(default_factory=dict)
     workdir: Path | None = None
-    delta_rank: int | None = None  # None: the largest keeping resident + 4 delta packs ≤ 0.3 of 4 models
+    delta_rank: int | None = None  # None: per language, the smallest keeping top-1 ≥ 0.99 (models.build_delta_packs)
     repeats: int = 1  # passes over every scenario, one after another; rows and ratios are their medians
 
     def __post_init__(self):
@@ -69,7 +70,7 @@ def run_suite(options: BenchOptions, console: Console | None = None) -> dict:
         console.log("preparing models, packs and merged checkpoints")
         wanted = BENCH_LANGUAGES[: max(options.language_counts)] if options.resident is None else sorted(options.packs)
         prompts = load_prompts(options.mgsm, tuple(wanted))
-        setup, model = prepare(options, Path(scratch), prompts)
+        setup, model = prepare(options, Path(scratch))
         languages = tuple(lang for lang in BENCH_LANGUAGES if lang in setup.packs) or tuple(sorted(setup.packs))
         counts = [n for n in options.language_counts if n <= len(languages)]
         passes: list[list[run.ScenarioResult]] = []
@@ -99,7 +100,7 @@ def run_suite(options: BenchOptions, console: Console | None = None) -> dict:
             for n in counts if native else []:
                 await attempt(f"native: mixed, {n} language(s)", run.mixed(setup, workload(n), prompts), results)
             for n in counts if native and setup.delta_packs else []:
-                await attempt(f"native: delta mixed, {n} language(s), rank {model['delta']['rank']}",
+                await attempt(f"native: delta mixed, {n} language(s), {describe_ranks(model['delta'])}",
                               run.mixed(setup, workload(n), prompts, kind="delta"), results)
             if "vllm" in available_backends(options):
                 await attempt("vllm: ceiling", run.ceiling(setup, workload(max(counts)), prompts, "vllm"), results)
@@ -109,7 +110,7 @@ def run_suite(options: BenchOptions, console: Console | None = None) -> dict:
                 await attempt("vllm: every language in each step (pack_mode grouped), every language count",
                               run.mixed_vllm(setup, [workload(n) for n in counts], prompts, "grouped"), results)
                 if setup.delta_packs:
-                    await attempt(f"vllm: pack_mode grouped with delta packs (rank {model['delta']['rank']})",
+                    await attempt(f"vllm: pack_mode grouped with delta packs ({describe_ranks(model['delta'])})",
                                   run.mixed_vllm(setup, [workload(n) for n in counts], prompts, "grouped", "delta"),
                                   results)
             if "vllm-lora" in available_backends(options):

@@ -97,10 +97,6 @@ class StepLanguages:
         return groups, torch.from_numpy(per_row).to(device)
 
 
-def rows_of(tensors: tuple[torch.Tensor, ...], idx: torch.Tensor) -> list[torch.Tensor]:
-    return [t.index_select(0, idx) for t in tensors]
-
-
 def merge_rows(parts: list[tuple[torch.Tensor, object]], rows: int):
     """Each group's outputs (a tensor, or a tuple of tensors and Nones) back into batch order."""
     sample = parts[0][1]
@@ -151,10 +147,11 @@ def _(x: torch.Tensor, residual: torch.Tensor, key: int) -> tuple[torch.Tensor, 
 
 
 class GroupedModule(nn.Module):
-    """A linear or norm of a swapped layer: each language's rows through its own copy, or
-    through the original plus its low-rank change. The original and the copies are held, not
-    registered, so the model's parameter names stay; the model calls them through one custom
-    op, which a compiled graph keeps as a call."""
+    """A linear or norm of a swapped layer. A linear runs each language's rows through its own
+    copy, or through the original plus its low-rank change; a norm (a pack changes only its
+    weight) normalises every row at once and scales each by its own language's weight. The
+    original and the copies are held, not registered, so the model's parameter names stay; the
+    model calls them through one custom op, which a compiled graph keeps as a call."""
 
     def __init__(self, base: nn.Module, languages: StepLanguages):
         super().__init__()
@@ -166,8 +163,8 @@ class GroupedModule(nn.Module):
         self._languages = languages
         self.out_features = getattr(base, "output_size_per_partition", None)  # None: a norm
         self._returns_bias = self.out_features is not None and getattr(base, "return_bias", True)
-        self._gains: torch.Tensor | None = None  # a norm's weight per group, by row group
-        self._unit: nn.Module | None = None  # the norm with a weight of ones
+        self._gains: torch.Tensor | None = None  # a norm's weight per group: the resident's where unchanged
+        self._ones: torch.Tensor | None = None  # a norm's weight for a step of several groups
         self._key = next(KEYS)
         WRAPPERS[self._key] = self
 
@@ -178,17 +175,16 @@ class GroupedModule(nn.Module):
         return (out, None) if self._returns_bias else out  # vLLM's linears: (output, bias to add)
 
     def add(self, group: int, change: ModuleChange, device, dtype) -> int:
-        """Returns the bytes this group's change holds: its copy's parameters, or its factors and
-        bias change twice (alone, and stacked with every language's: see `finish`)."""
+        """Returns the bytes this group's change holds: its copy's parameters (a norm's weight),
+        or its factors and bias change twice (alone, and stacked with every language's: see `finish`)."""
         held = sum(t.numel() for t in change.params.values()) * dtype.itemsize
-        if change.params:
+        if self.out_features is None:
+            if self._gains is None:
+                resident = self._base.weight.detach()
+                self._gains, self._ones = resident.expand(self._languages.size, -1).clone(), torch.ones_like(resident)
+            self._gains[group] = change.params["weight"].to(device=device, dtype=dtype)
+        elif change.params:
             self._copies[group] = module_copy(self._base, change.params, device, dtype)
-            if self.out_features is None:  # a norm (its weight is all a pack changes): see `scaled_norm`
-                weight = self._base.weight
-                if self._gains is None:
-                    self._gains = weight.detach().expand(self._languages.size, -1).clone()
-                    self._unit = module_copy(self._base, {"weight": torch.ones_like(weight)}, device, dtype)
-                self._gains[group] = self._copies[group].weight.detach()
         if change.delta is not None:
             delta = change.delta.to(device, dtype)
             self._deltas[group] = LowRankChange(self._base, delta)
@@ -206,51 +202,60 @@ class GroupedModule(nn.Module):
     def run(self, x: torch.Tensor, *rest: torch.Tensor):
         """The op's work, in outputs that never alias its inputs."""
         groups = self._languages.groups(x.shape[0])
+        if self.out_features is None:
+            return self.norm(x, *rest, groups=groups)
         own = [(g, idx) for g, idx in groups if g in self._copies]
         if not own:
-            out = self._base(*all_rows(x, rest))
+            out = self._base(x)
         elif len(groups) == 1:
-            return unbiased(self._copies[groups[0][0]](*all_rows(x, rest)))
-        elif self._unit is not None:
-            return self.scaled_norm(x, rest)
+            return unbiased(self._copies[groups[0][0]](x))
         else:
             shared = [idx for g, idx in groups if g not in self._copies]
-            parts = [(idx, self._copies[g](*rows_of((x, *rest), idx))) for g, idx in own]
+            parts = [(idx, self._copies[g](x.index_select(0, idx))) for g, idx in own]
             if shared:
                 idx = torch.cat(shared)
-                parts.append((idx, self._base(*rows_of((x, *rest), idx))))
+                parts.append((idx, self._base(x.index_select(0, idx))))
             out = merge_rows(parts, x.shape[0])
         changed = [(g, idx) for g, idx in groups if g in self._deltas]
         if changed:
             y = out[0] if isinstance(out, tuple) else out  # a linear's (output, bias) or output
             if len(changed) > 1 and x.shape[0] <= FEW_ROWS:
-                y += self._every.forward(x, self._languages.row_groups())
+                self._every.add_to(y, x, self._languages.row_groups())
             else:
                 for g, idx in changed:
-                    if idx is None:
-                        y += self._deltas[g].forward(x)
-                    else:
-                        y.index_add_(0, idx, self._deltas[g].forward(x.index_select(0, idx)))
+                    self._deltas[g].add_to(y, x, idx)
         return unbiased(out)
 
-    def scaled_norm(self, x: torch.Tensor, rest: tuple[torch.Tensor, ...]):
-        """A norm over a step of several languages, once over every row: normalised with a
-        weight of ones, then each row scaled by its group's weight — what each group's copy
-        computes (x̂ · 1 is x̂), in a few ops instead of a gather, a norm and a scatter per group."""
-        out = self._unit(*all_rows(x, rest))
-        normed = out[0] if isinstance(out, tuple) else out
-        normed.mul_(self._gains.index_select(0, self._languages.row_groups()))
+    def norm(self, x: torch.Tensor, residual: torch.Tensor | None = None, *, groups):
+        """vLLM's own RMSNorm kernel (its eager Python norm is 7-25x slower), with the step's one
+        weight; over several languages, with a weight of ones and then each row scaled by its
+        group's weight — what each language's norm computes (x̂ · 1 is x̂)."""
+        mixed = len(groups) > 1
+        weight = self._ones if mixed else self._gains[groups[0][0]]
+        out = rms_norm(x, residual, weight, self._base.variance_epsilon)
+        if mixed:
+            normed = out[0] if isinstance(out, tuple) else out
+            normed.mul_(self._gains.index_select(0, self._languages.row_groups()))
         return out
 
 
-def all_rows(x: torch.Tensor, rest: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
-    """The inputs for a module run on every row: copies where a residual comes too (vLLM's
-    norms add it and normalise in place)."""
-    return (x.clone(), *(t.clone() for t in rest)) if rest else (x,)
+def rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, epsilon: float):
+    """RMSNorm of x (of x + residual, returned with that sum as the new residual, where one is
+    given) through vLLM's C++/CUDA kernels, which write in place: into copies, as an op's
+    outputs never alias its inputs."""
+    from vllm import _custom_ops as ops
+
+    if residual is None:
+        out = torch.empty_like(x)
+        ops.rms_norm(out, x, weight, epsilon)
+        return out
+    x, residual = x.clone(), residual.clone()
+    ops.fused_add_rms_norm(x, residual, weight, epsilon)
+    return x, residual
 
 
 def unbiased(out):
-    """A linear's output without the (output, None) pair vLLM's linears return; a norm's as it is."""
+    """A linear's output without the (output, None) pair vLLM's linears return."""
     return out[0] if isinstance(out, tuple) and out[1] is None else out
 
 
@@ -313,7 +318,8 @@ def checked_module(model: nn.Module, path: str, change: ModuleChange) -> nn.Modu
         raise UnsupportedPackError(f"{names}: not a linear or norm of a decoder layer")
     module = model.get_submodule(path)
     linear = isinstance(module, LinearBase) and isinstance(module.quant_method, UnquantizedLinearMethod)
-    if not (linear and not module.skip_bias_add) and (type(module) is not RMSNorm or change.delta is not None):
+    plain_norm = type(module) is RMSNorm and module.has_weight and module.variance_size_override is None
+    if not (linear and not module.skip_bias_add) and not (plain_norm and change.delta is None and set(change.params) == {"weight"}):
         raise UnsupportedPackError(f"{names}: vLLM runs it as {type(module).__name__}, not a plain linear or RMSNorm")
     shapes = {param: tuple(tensor.shape) for param, tensor in change.params.items()}
     if change.delta is not None:

@@ -51,6 +51,7 @@ class FactorLinear(nn.Module):
 
     def __init__(self, base: nn.Module, weight: torch.Tensor):
         super().__init__()
+        self.shape = tuple(weight.shape)  # [out, in]; vLLM's processing may keep only a packed copy
         self.weight = nn.Parameter(weight.contiguous(), requires_grad=False)
         self._method = base.quant_method
         self._method.process_weights_after_loading(self)
@@ -59,26 +60,36 @@ class FactorLinear(nn.Module):
         return self._method.apply(self, x)
 
 
-def per_shard(bs: list[FactorLinear], widths: list[int], z: torch.Tensor) -> torch.Tensor:
-    """Each shard's B on its own columns of z (a block-diagonal B would multiply its zeros too);
-    factors are called via forward, not __call__: no hooks to run, and a step makes hundreds."""
-    if len(bs) == 1:
-        return bs[0].forward(z)
-    return torch.cat([b.forward(part) for b, part in zip(bs, z.split(widths, dim=1), strict=True)], dim=1)
+def shard_changes(bs: list[FactorLinear], z: torch.Tensor) -> list[torch.Tensor]:
+    """Each shard's B on its own columns of z (a block-diagonal B would multiply its zeros too).
+    Factors are called via forward, not __call__: no hooks to run, and a step makes hundreds."""
+    changes, start = [], 0
+    for b in bs:
+        changes.append(b.forward(z[:, start : start + b.shape[1]]))
+        start += b.shape[1]
+    return changes
 
 
 class LowRankChange(nn.Module):
-    """x ↦ Δ·x + Δbias for the rows of one language."""
+    """Adds Δ·x + Δbias for the rows of one language."""
 
     def __init__(self, base: nn.Module, delta: StackedDelta):
         super().__init__()
         self._a = FactorLinear(base, delta.a)
         self._b = [FactorLinear(base, b) for b in delta.b]
-        self._ranks, self._bias = delta.ranks, delta.bias
+        self._bias = delta.bias
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        change = per_shard(self._b, self._ranks, self._a.forward(x))
-        return change if self._bias is None else change + self._bias
+    def add_to(self, y: torch.Tensor, x: torch.Tensor, rows: torch.Tensor | None = None) -> None:
+        """y[rows] += Δ·x[rows] + Δbias (every row where `rows` is None). The shards' changes are
+        joined before a scatter: index_add_ into a strided column slice is several times slower."""
+        changes = shard_changes(self._b, self._a.forward(x if rows is None else x.index_select(0, rows)))
+        change = changes[0] if len(changes) == 1 else torch.cat(changes, dim=1)
+        if self._bias is not None:
+            change += self._bias
+        if rows is None:
+            y += change
+        else:
+            y.index_add_(0, rows, change)
 
 
 class EveryLanguageChange(nn.Module):
@@ -99,7 +110,6 @@ class EveryLanguageChange(nn.Module):
             bs.append(torch.cat([deltas[g].b[shard] for g in order], dim=1))
         self._a = FactorLinear(base, torch.cat(a_rows))
         self._b = [FactorLinear(base, b) for b in bs]
-        self._widths = [b.shape[1] for b in bs]
         self._column_groups = torch.tensor(column_groups, device=sample.a.device)
         self._biases = None  # [group, out]: each group's bias change, zero for the others
         if any(d.bias is not None for d in deltas.values()):
@@ -108,11 +118,14 @@ class EveryLanguageChange(nn.Module):
                 if d.bias is not None:
                     self._biases[g] = d.bias
 
-    def forward(self, x: torch.Tensor, row_groups: torch.Tensor) -> torch.Tensor:
-        """`row_groups`: each row's group; a row of a group with no Δ here gets none."""
+    def add_to(self, y: torch.Tensor, x: torch.Tensor, row_groups: torch.Tensor) -> None:
+        """y += each row's own group's Δ·x + Δbias; `row_groups`: each row's group (a row of a
+        group with no Δ here gets none)."""
         z = self._a.forward(x)
         z.mul_(row_groups[:, None] == self._column_groups)
-        change = per_shard(self._b, self._widths, z)
+        start = 0
+        for change in shard_changes(self._b, z):  # a few rows: added in place, column slice by slice
+            y[:, start : start + change.shape[1]] += change
+            start += change.shape[1]
         if self._biases is not None:
-            change += self._biases.index_select(0, row_groups)
-        return change
+            y += self._biases.index_select(0, row_groups)
