@@ -95,9 +95,11 @@ def plot(report: dict, file: Path) -> None:
             speed.axhline(s["tokens_per_s"], color="grey", linestyle="--", linewidth=1, label=f"ceiling ({s['backend']})")
     speed.set(title="Output throughput", xlabel="languages in the traffic", ylabel="tokens / s")
     memory.set(title="Weights held (resident + packs or adapters, or N models)", xlabel="languages in the traffic", ylabel="MiB")
+    counts = sorted({s["languages"] for s in report["scenarios"]})  # the language counts that ran
     for axis in (speed, memory):
         axis.set_xscale("log", base=2)
-        axis.set_xticks([1, 2, 4, 8], labels=["1", "2", "4", "8"])
+        axis.set_xticks(counts, labels=[str(n) for n in counts])
+        axis.minorticks_off()
         axis.grid(alpha=0.3)
         axis.legend(fontsize=8)
     fig.suptitle("modserve bench")
