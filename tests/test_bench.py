@@ -20,7 +20,7 @@ from modserve.bench.models import (
     parameter_shapes,
     rank_ladder,
 )
-from modserve.bench.report import markdown, write
+from modserve.bench.report import figure, markdown, write
 from modserve.bench.run import Counting, ScenarioResult, rehearsed
 from modserve.bench.suite import BenchOptions, combine, ratios, run_suite
 from modserve.bench.workloads import Workload, load_prompts, make_requests
@@ -218,6 +218,16 @@ def test_bench_runs_every_scenario_and_writes_json_table_and_plot(tmp_path):
     assert "| mixed | native | 4 |" in markdown(report) and "| delta_mixed | native | 4 |" in markdown(report)
     assert imread(files[2]).shape[1] > 800
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith("modserve-bench-")] == []
+
+
+def test_the_plot_marks_only_the_language_counts_that_ran():
+    row = {"backend": "native", "tokens_per_s": 10.0, "weight_bytes": 2**20}
+    report = {"scenarios": [{**row, "scenario": "ceiling", "languages": 4},
+                            {**row, "scenario": "mixed", "languages": 1}, {**row, "scenario": "mixed", "languages": 4}]}
+    for axis in figure(report).axes:
+        assert list(axis.get_xticks()) == [1, 4]
+        assert [label.get_text() for label in axis.get_xticklabels()] == ["1", "4"]
+        assert list(axis.get_xticks(minor=True)) == []
 
 
 def test_a_rehearsal_serves_other_requests_of_the_workload_first_and_counts_none_of_it():

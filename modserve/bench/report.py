@@ -76,13 +76,12 @@ def markdown(report: dict) -> str:
     return head + "\n".join(rows) + "\n\n" + "\n".join(figures) + f"\n\nMachine: {where}; {report['seconds']:.0f} s.\n"
 
 
-def plot(report: dict, file: Path) -> None:
-    import matplotlib
+def figure(report: dict):
+    """Tokens/s and weights held against the language counts that ran, one line per scenario."""
+    from matplotlib.figure import Figure  # no pyplot: nothing global to select or close
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (speed, memory) = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig = Figure(figsize=(12, 4.5))
+    speed, memory = fig.subplots(1, 2)
     for (scenario, backend), (label, style) in LINES.items():
         points = sorted((s["languages"], s) for s in report["scenarios"] if (s["scenario"], s["backend"]) == (scenario, backend))
         if not points:
@@ -95,7 +94,7 @@ def plot(report: dict, file: Path) -> None:
             speed.axhline(s["tokens_per_s"], color="grey", linestyle="--", linewidth=1, label=f"ceiling ({s['backend']})")
     speed.set(title="Output throughput", xlabel="languages in the traffic", ylabel="tokens / s")
     memory.set(title="Weights held (resident + packs or adapters, or N models)", xlabel="languages in the traffic", ylabel="MiB")
-    counts = sorted({s["languages"] for s in report["scenarios"]})  # the language counts that ran
+    counts = sorted({s["languages"] for s in report["scenarios"]})
     for axis in (speed, memory):
         axis.set_xscale("log", base=2)
         axis.set_xticks(counts, labels=[str(n) for n in counts])
@@ -104,8 +103,11 @@ def plot(report: dict, file: Path) -> None:
         axis.legend(fontsize=8)
     fig.suptitle("modserve bench")
     fig.tight_layout()
-    fig.savefig(file, dpi=120)
-    plt.close(fig)
+    return fig
+
+
+def plot(report: dict, file: Path) -> None:
+    figure(report).savefig(file, dpi=120, format="png")
 
 
 def write(report: dict, out: Path) -> list[Path]:
